@@ -1,0 +1,43 @@
+# Entry points of the project. Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+# DVC runs each stage's `python -m stages.<name>` through the shell: the venv must come first on PATH
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test smoke flow serve mlflow-ui clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch can pull a multi-GB CUDA build on a CPU machine
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+run: install  ## the whole pipeline on the configured data (the built-in demo by default)
+	dvc repro
+	@echo
+	@echo "Report: $(CURDIR)/reports/comparison.md (plot: reports/comparison.png)"
+	@echo "Metrics: dvc metrics show | MLflow: make mlflow-ui"
+
+test: install  ## unit, stage and end-to-end tests
+	python -m pytest
+
+smoke: install  ## the whole DAG on a tiny random BERT and small data, in a temporary copy
+	python -m tests.smoke
+
+flow: install  ## the same DVC stages as a Prefect flow, once
+	python -m flows.pipeline
+
+serve: install  ## a Prefect deployment on the cron schedule in params.yaml (pipeline.cron)
+	python -m flows.pipeline --serve
+
+mlflow-ui: install
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+clean-venv:
+	rm -rf $(VENV)

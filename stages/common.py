@@ -1,0 +1,177 @@
+"""Shared plumbing for every stage: validated params, declared paths, atomic writes, JSONL I/O.
+
+Nothing here knows about a particular stage; a stage module declares its own params model and calls
+`load_params("<stage>", Model)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PARAMS_FILE = Path("params.yaml")
+
+log = logging.getLogger("dapt")
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    """Every file the pipeline passes between stages, declared once; `dvc.yaml` reads the same keys."""
+
+    raw_domain: Path
+    raw_general: Path
+    task: Path
+    domain_train: Path
+    domain_valid: Path
+    general_valid: Path
+    models: Path
+    finetune: Path
+    reports: Path
+    metrics: Path
+
+    # one convention, shared with dvc.yaml: a model variant lives at `<models>/<variant>`
+    def model_dir(self, variant: str) -> Path:
+        """The model folder of a variant: general (the base snapshot), domain_init, domain."""
+        return self.models / variant
+
+    @property
+    def base_model(self) -> Path:
+        return self.model_dir("general")
+
+    @property
+    def domain_init(self) -> Path:
+        return self.model_dir("domain_init")
+
+    @property
+    def domain_model(self) -> Path:
+        return self.model_dir("domain")
+
+
+class ParamsError(ValueError):
+    """A params file that is missing, unreadable or fails validation; the message names file and key."""
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The raw params mapping, with YAML errors reported by file and line."""
+    if not path.exists():
+        raise ParamsError(f"{path}: not found (run from the project root)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def validate_section(data: dict[str, Any], section: str, model: type[T], source: Path = PARAMS_FILE) -> T:
+    """Validate one section, turning pydantic's report into `file: section.key: problem` lines."""
+    if section not in data:
+        raise ParamsError(f"{source}: missing section '{section}'")
+    try:
+        return model.model_validate(data[section])
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in (section, *e["loc"]))
+            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(section: str, model: type[T], path: Path = PARAMS_FILE) -> T:
+    """Load and validate one stage's section of `params.yaml`."""
+    return validate_section(read_params_file(path), section, model, path)
+
+
+def load_paths(path: Path = PARAMS_FILE) -> Paths:
+    """The shared `paths:` section."""
+    return load_params("paths", Paths, path)
+
+
+def setup_logging() -> None:
+    """One log format for every stage process; DVC and Prefect stream it as is."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # transformers and mlflow are chatty at INFO about things the user cannot act on
+    for name in ("mlflow", "alembic", "urllib3", "filelock", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------------
+# atomic output: DVC must never cache a half-written file or directory
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `target` in one rename, on error it is removed.
+
+    Works for files and directories alike: the caller decides what to create at the yielded path.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    work = tmp / target.name
+    try:
+        yield work
+        if not work.exists():
+            raise FileNotFoundError(f"{target}: nothing was written")
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(work, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically, one JSON object a line; returns how many were written."""
+    n = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file written by a previous stage; a bad line is reported as file:line."""
+    out = []
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (metrics files, manifests)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (reports)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

