@@ -327,6 +327,25 @@ def split_by_group(examples: list[dict], dev_fraction: float, test_fraction: flo
     return splits
 
 
+def cap_per_group(examples: list[dict], max_per_group: int | None, seed: int) -> list[dict]:
+    """At most `max_per_group` examples of each group (a seeded sample); input order kept. None: all.
+
+    A few licences have over a thousand rules (gpl-2.0, mit, bsd-new): uncapped, whichever split they land
+    in is dominated by them, and a category's score measures one licence rather than the category.
+    """
+    if max_per_group is None:
+        return list(examples)
+    by_group: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_group.setdefault(ex["group"], []).append(i)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for group in sorted(by_group):
+        idx = by_group[group]
+        keep += idx if len(idx) <= max_per_group else rng.choice(idx, max_per_group, replace=False).tolist()
+    return [examples[i] for i in sorted(keep)]
+
+
 def cap_examples(examples: list[dict], max_n: int | None, seed: int) -> list[dict]:
     """At most `max_n` examples, each label keeping its share; input order kept. None or a larger cap: all.
 

@@ -139,11 +139,11 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
                 metric_for_best_model="macro_f1", logging_steps=10, report_to="none", seed=seed,
                 # similar lengths in a batch: far less padding on CPU, same examples per epoch
                 train_sampling_strategy="group_by_length",
-                bf16=cuda and torch.cuda.is_bf16_supported(), optim="adamw_torch_fused" if cuda else "adamw_torch",
+                bf16=cuda and torch.cuda.is_bf16_supported(), optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_pin_memory=cuda,
             )
             trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                               data_collator=DataCollatorWithPadding(tok), compute_metrics=dev_metrics,
-                              compute_loss_func=loss_fn, callbacks=[tracking.MLflowLogger("train")])
+                              compute_loss_func=loss_fn, callbacks=[tracking.MLflowLogger()])
 
             # train
             trainer.train()

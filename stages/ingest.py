@@ -38,6 +38,7 @@ class DemoParams(Section):
     categories: list[str] = Field(min_length=2)
     dev_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
+    max_per_licence: int | None = Field(default=None, ge=1)
     max_train: int | None = Field(default=None, ge=10)
     max_dev: int | None = Field(default=None, ge=10)
     max_test: int | None = Field(default=None, ge=10)
@@ -111,6 +112,7 @@ def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list
     domain = demo_source.domain_documents(licences, rules)
     general = demo_source.read_wikipedia(gensim) + demo_source.read_lee(gensim)
     examples = demo_source.task_examples(licences, rules, p.demo.categories)
+    examples = demo_source.cap_per_group(examples, p.demo.max_per_licence, p.seed)
     splits = demo_source.split_by_group(examples, p.demo.dev_fraction, p.demo.test_fraction, p.seed)
     caps = {"train": p.demo.max_train, "dev": p.demo.max_dev, "test": p.demo.max_test}
     splits = {s: demo_source.cap_examples(splits[s], caps[s], p.seed) for s in SPLITS}

@@ -210,7 +210,7 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         weight_decay=p.weight_decay, warmup_steps=int(warmup * steps), lr_scheduler_type="linear",
         logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=p.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(), optim="adamw_torch_fused" if cuda else "adamw_torch",
-        dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=False,
+        dataloader_drop_last=True, dataloader_pin_memory=cuda, remove_unused_columns=False, disable_tqdm=False,
     )
 
 
@@ -258,7 +258,7 @@ def run(p: PretrainParams, paths: Paths) -> None:
                 w.requires_grad_(id(w) in head_params)
             Trainer(model=model, args=training_args(p, scratch, p.head_warmup_learning_rate, p.head_warmup_steps, 0.0),
                     train_dataset=train_dataset, data_collator=collator,
-                    callbacks=[tracking.MLflowLogger("head", 0)]).train()
+                    callbacks=[tracking.MLflowLogger("head_")]).train()
             for w in model.parameters():
                 w.requires_grad_(True)
 
@@ -267,7 +267,7 @@ def run(p: PretrainParams, paths: Paths) -> None:
         stopping.evaluate_and_decide(model, p.head_warmup_steps)
         trainer = Trainer(model=model, args=training_args(p, scratch, p.learning_rate, p.max_steps, p.warmup_ratio),
                           train_dataset=train_dataset, data_collator=collator,
-                          callbacks=[stopping, tracking.MLflowLogger("train", p.head_warmup_steps)])
+                          callbacks=[stopping, tracking.MLflowLogger(step_offset=p.head_warmup_steps)])
         trainer.train()
 
         # evaluate and save (the best model is already in place)

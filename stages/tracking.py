@@ -106,8 +106,8 @@ class MLflowLogger(TrainerCallback):
     `step_offset` puts several Trainer phases of one stage on a single step axis.
     """
 
-    def __init__(self, prefix: str, step_offset: int = 0):
+    def __init__(self, prefix: str = "", step_offset: int = 0):
         self.prefix, self.step_offset = prefix, step_offset
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        log_metrics({f"{self.prefix}_{k}": v for k, v in (logs or {}).items()}, step=self.step_offset + state.global_step)
+        log_metrics({f"{self.prefix}{k}": v for k, v in (logs or {}).items()}, step=self.step_offset + state.global_step)
