@@ -13,6 +13,7 @@ Schedule:   python -m flows.pipeline --serve    (a deployment on `pipeline.cron`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import mlflow
 import networkx as nx
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, serve, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.schedules import Cron
@@ -35,7 +36,8 @@ def stage_order(root: Path = ROOT) -> list[str]:
     """Every stage address (`finetune@general-0` included) in an execution order of DVC's graph."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # DVC names a stage relative to the working directory ("../x/dvc.yaml:first" from elsewhere)
+    with contextlib.chdir(root), Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
         return [stage.addressing for stage in order]
@@ -60,7 +62,8 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     return env
 
 
-@task(retries=1, retry_delay_seconds=10, timeout_seconds=6 * 3600)
+# one retry for transient failures (a hub download, a full disk freed by a cleanup); DVC skips what finished
+@task(retries=1, retry_delay_seconds=60, timeout_seconds=12 * 3600)
 def run_stage(stage: str, root: str, env: dict[str, str]) -> None:
     """`dvc repro --single-item <stage>`, its output streamed line by line into the Prefect log."""
     logger = get_run_logger()
@@ -97,14 +100,20 @@ def pipeline(root: str = str(ROOT)) -> list[str]:
     return stages
 
 
+def deployment(root: Path = ROOT):
+    """The scheduled deployment: this flow on `pipeline.cron` (and `pipeline.timezone`) from params.yaml."""
+    s = settings(root)
+    return pipeline.to_deployment(name="dapt-scheduled", schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC"))],
+                                  parameters={"root": str(root)}, tags=["dapt"],
+                                  description="The DAPT pipeline (dvc repro, one task per stage) on a schedule")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the DAPT pipeline as a Prefect flow.")
     parser.add_argument("--serve", action="store_true", help="serve a deployment on pipeline.cron from params.yaml")
     args = parser.parse_args()
     if args.serve:
-        s = settings()
-        pipeline.serve(name="dapt-scheduled", schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC"))],
-                       tags=["dapt"], description="The DAPT pipeline (dvc repro, one task per stage) on a schedule")
+        serve(deployment())
     else:
         pipeline()
 

@@ -25,6 +25,7 @@ import mlflow
 import torch
 from pydantic import Field
 from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from stages import tracking
@@ -52,7 +53,7 @@ def word_counts(tok: PreTrainedTokenizerBase, texts: Sequence[str]) -> Counter:
     """Words as the tokenizer itself sees them (after its normaliser and pre-tokenizer)."""
     backend = tok.backend_tokenizer
     counts: Counter = Counter()
-    for text in texts:
+    for text in tqdm(texts, desc="counting words", unit="doc", mininterval=2, disable=len(texts) < 1000):
         norm = backend.normalizer.normalize_str(text) if backend.normalizer else text
         counts.update(w for w, _ in backend.pre_tokenizer.pre_tokenize_str(norm))
     return counts

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydantic import Field
+from tqdm.auto import tqdm
 
 from stages import tracking
 from stages.common import Paths, Section, load_params, load_paths, log, read_jsonl, setup_logging, \
@@ -80,7 +81,7 @@ def clean_docs(docs: Iterable[dict], filters: list, blocked: set[str], counts: C
     """
     seen: set[str] = set()
     out = []
-    for doc in docs:
+    for doc in tqdm(docs, desc="cleaning", unit="doc", mininterval=2):
         text = normalise(doc["text"])
         reason = next((f.name for f in filters if not f.keep(text)), None)
         fp = fingerprint(text)

@@ -28,6 +28,7 @@ import mlflow
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, \
     PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -71,9 +72,11 @@ def pack(tok: PreTrainedTokenizerBase, texts: Sequence[str], block: int) -> torc
     cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
     sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
     stream: list[int] = []
-    for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(sep_id)
+    chunk = 1000  # documents per tokenizer call: batched for speed, small enough for a live progress bar
+    for start in tqdm(range(0, len(texts), chunk), desc="tokenising", unit="kdoc", disable=len(texts) <= chunk):
+        for ids in tok(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(sep_id)
     body = block - 1
     n = len(stream) // body
     if n == 0:
@@ -184,9 +187,7 @@ class DomainGeneralStopping(TrainerCallback):
         improved = self.best is None or row["domain_loss"] < self.best["domain_loss"] - self.p.min_delta
         if improved and not degraded:
             self.best, self.bad_evals = row, 0
-            with atomic_path(self.best_dir) as tmp:
-                model.mlm.save_pretrained(tmp)
-                self.tok.save_pretrained(tmp)
+            self.save(model)
         else:
             self.bad_evals += 1
         if degraded:
@@ -194,6 +195,12 @@ class DomainGeneralStopping(TrainerCallback):
         elif self.bad_evals >= self.p.patience:
             self.stop_reason = "patience"
         return self.stop_reason != "max_steps"
+
+    def save(self, model: SparseMLM) -> None:
+        """The current model and tokenizer become the stage's output (replaced in one rename)."""
+        with atomic_path(self.best_dir) as tmp:
+            model.mlm.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.p.eval_steps == 0 or state.global_step >= state.max_steps:

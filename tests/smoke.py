@@ -33,9 +33,13 @@ SMOKE_PARAMS = {
                  "max_eval_blocks": 8},
     "finetune": {"seeds": [0, 1], "training": {"epochs": 1, "max_seq_length": 64}},
 }
-# a stage's files travel; the source repo's results and local state do not
+# the project's files travel; its results (everything under a `paths:` folder) and local state do not
 EXCLUDE = {"dvc.lock", "mlflow.db"}
-EXCLUDE_DIRS = ("metrics/", "reports/", ".smoke/")
+
+
+def output_dirs(params: dict) -> tuple[str, ...]:
+    """Top-level folders of every declared path: data/, models/, results/, reports/, metrics/."""
+    return tuple(sorted({Path(p).parts[0] + "/" for p in params["paths"].values()}))
 
 
 def deep_update(base: dict, overrides: dict) -> dict:
@@ -73,16 +77,17 @@ def git_env() -> dict[str, str]:
 
 def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
     """Copy the project's files into `dest`, apply smoke params, and make it a git + DVC repo."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    skip_dirs = output_dirs(params)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split("\n")
     dest.mkdir(parents=True, exist_ok=True)
     for rel in filter(None, files):
-        if rel in EXCLUDE or rel.startswith(EXCLUDE_DIRS) or not (ROOT / rel).is_file():
+        if rel in EXCLUDE or rel.startswith(skip_dirs) or not (ROOT / rel).is_file():
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
     build_tiny_bert(dest / "tiny-bert")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = deep_update(params, SMOKE_PARAMS if overrides is None else overrides)
     params["ingest"]["base_model"] = str(dest / "tiny-bert")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,81 @@
+"""End to end: the whole DAG through the Prefect flow on a tiny random BERT, in a temporary copy.
+
+Asserts the outputs, the MLflow runs and their parent/child links, and that a second `dvc repro` reruns
+nothing. Takes about three minutes on two cores.
+"""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.smoke import SMOKE_PARAMS, make_workspace
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A smoke workspace after one flow run; returns (workspace, stages run)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    ws = make_workspace(tmp / "ws")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
+        mp.setenv("PREFECT_HOME", str(tmp / "prefect"))
+        mp.delenv("DAPT_MLFLOW_PARENT_RUN_ID", raising=False)
+        with prefect_test_harness(server_startup_timeout=60):
+            stages = pipeline(root=str(ws))
+    return ws, stages
+
+
+def test_outputs(finished):
+    ws, stages = finished
+    seeds = SMOKE_PARAMS["finetune"]["seeds"]
+    assert stages[0] == "ingest" and stages[-1] == "compare" and len(stages) == 5 + 2 * len(seeds)
+    for variant in ("general", "domain"):
+        for seed in seeds:
+            m = json.loads((ws / "results/finetune" / f"{variant}-{seed}" / "metrics.json").read_text())
+            assert 0 <= m["test_macro_f1"] <= 1 and m["variant"] == variant and m["seed"] == seed
+    compare = json.loads((ws / "metrics/compare.json").read_text())
+    assert compare["seeds"] == len(seeds) and 0 <= compare["domain_macro_f1_mean"] <= 1
+    report = (ws / "reports/comparison.md").read_text()
+    assert report.startswith("# General vs domain-adapted model") and "| TF-IDF + LR (reference) |" in report
+    assert (ws / "reports/comparison.png").stat().st_size > 1000
+    pretrain = json.loads((ws / "metrics/pretrain.json").read_text())
+    assert pretrain["stop_reason"] in {"max_steps", "patience", "general_degradation"}
+    assert json.loads((ws / "metrics/adapt_tokenizer.json").read_text())["new_tokens"] > 0
+    assert (ws / "models/domain/config.json").exists() and (ws / "models/general/config.json").exists()
+
+
+def test_mlflow_runs_are_children_of_the_flow_run(finished):
+    ws, stages = finished
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dapt"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r is not parents[0]]
+    assert len(children) == len(stages)
+    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["stage"] for r in children} == {s.split("@")[0] for s in stages}
+    finetune = {(r.data.tags["variant"], int(r.data.tags["seed"])) for r in children
+                if r.data.tags["stage"] == "finetune"}
+    assert finetune == {(v, s) for v in ("general", "domain") for s in SMOKE_PARAMS["finetune"]["seeds"]}
+    pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain")
+    assert pretrain.data.params["max_steps"] == str(SMOKE_PARAMS["pretrain"]["max_steps"])
+    assert "mlflow.source.git.commit" in pretrain.data.tags and "data.data/clean/domain_train.jsonl" in pretrain.data.tags
+    history = mlflow.MlflowClient().get_metric_history(pretrain.info.run_id, "eval_domain_loss")
+    assert len(history) >= 2 and history[0].step < history[-1].step
+
+
+def test_second_repro_reruns_nothing(finished):
+    ws, _ = finished
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, capture_output=True, text=True, check=True)
+    assert "Running stage" not in out.stdout
+    assert "Data and pipelines are up to date" in out.stdout

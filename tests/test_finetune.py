@@ -1,0 +1,50 @@
+"""finetune: class weights, metrics, the shared pooler, and the stage on a tiny task."""
+
+import json
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, BertModel
+
+from stages.finetune import FinetuneParams, TrainingParams, class_weights, run, scores, share_pooler
+from tests.conftest import write_jsonl
+
+
+def test_class_weights_balanced():
+    w = class_weights([0, 0, 0, 1], 3)
+    assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
+
+
+def test_scores():
+    assert scores([0, 0, 1, 1], [0, 0, 0, 1]) == {"accuracy": 0.75, "macro_f1": (0.8 + 2 / 3) / 2}
+
+
+def test_pooler_comes_from_base_when_checkpoint_has_none(tiny_bert, tmp_path):
+    mlm_dir = tmp_path / "mlm"
+    AutoModelForMaskedLM.from_pretrained(tiny_bert).save_pretrained(mlm_dir)  # drops the pooler
+    clf, info = AutoModelForSequenceClassification.from_pretrained(mlm_dir, num_labels=2, output_loading_info=True)
+    assert share_pooler(clf, info["missing_keys"], tiny_bert)
+    ref = BertModel.from_pretrained(tiny_bert).pooler.dense.weight
+    assert torch.equal(clf.bert.pooler.dense.weight, ref)
+    general, info = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2,
+                                                                       output_loading_info=True)
+    assert not share_pooler(general, info["missing_keys"], tiny_bert)  # already has the trained one
+
+
+def test_stage_writes_metrics_and_predictions(project, tiny_bert):
+    import shutil
+
+    shutil.copytree(tiny_bert, project.base_model)
+    rows = [{"text": "the licensor grants a licence", "label": "permissive"},
+            {"text": "the cat sat on the mat", "label": "other"}] * 8
+    for split in ("train", "dev", "test"):
+        write_jsonl(project.task / f"{split}.jsonl", [{**r, "id": f"{split}{i}"} for i, r in enumerate(rows)])
+    p = FinetuneParams(variants=["general"], seeds=[0], training=TrainingParams(
+        learning_rate=1e-3, epochs=2, batch_size=4, max_seq_length=16, warmup_ratio=0.0, weight_decay=0.0))
+    run(p, project, "general", 0)
+    out = project.finetune / "general-0"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["other", "permissive"] and 0 <= metrics["test_macro_f1"] <= 1
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(rows) and {p["pred"] for p in preds} <= {"other", "permissive"}
+    assert preds[0]["id"] == "test0"
+    assert abs(metrics["test_accuracy"] - sum(p["pred"] == p["label"] for p in preds) / len(preds)) < 1e-9

