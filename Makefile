@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
+# the CPU wheel lies on the reference machines' disk; elsewhere add your platform's index options here
+TORCH  ?= torch==2.13.0
 # DVC runs each stage's `python -m stages.<name>` through the shell: the venv must come first on PATH
 export PATH := $(BIN):$(PATH)
 
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch can pull a multi-GB CUDA build on a CPU machine
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 	touch $@
 

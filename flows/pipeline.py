@@ -71,10 +71,14 @@ def run_stage(stage: str, root: str, env: dict[str, str]) -> None:
     logger.info("$ %s", " ".join(cmd))
     with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.strip():
-                logger.info(line.rstrip())
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.strip():
+                    logger.info(line.rstrip())
+        finally:  # a timeout or cancellation must not leave DVC running and holding the repo lock
+            if proc.poll() is None:
+                proc.kill()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
 

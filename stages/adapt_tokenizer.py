@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
@@ -38,6 +38,7 @@ class AdaptTokenizerParams(Section):
     min_frequency: int = Field(ge=1)
     domain_vocab_size: int = Field(ge=100)
     init: Literal["mean", "mean_all", "random"] = "mean"
+    seed: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,11 +155,14 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
                                   p.max_new_tokens)
             tok = extend_wordpiece(base, [r["token"] for r in new])
 
-        # model
+        # model: seeded, because a base without an MLM head gets a freshly initialised one here, and the
+        # output must be the same bytes on every run or DVC retrains everything downstream
+        set_seed(p.seed)
         model = AutoModelForMaskedLM.from_pretrained(paths.base_model)
         first_id = len(base)
-        # a multiple of 64 keeps the embedding and output matmuls on fast kernel shapes
-        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            # a multiple of 64 keeps the embedding and output matmuls on fast kernel shapes
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)
         init_new_rows(model, base, [r["token"] for r in new], first_id, p.init)
 
         # report
@@ -179,6 +183,8 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
         write_json(paths.metrics / "adapt_tokenizer.json", metrics)
         tracking.log_metrics(metrics)
         mlflow.log_artifact(str(paths.reports / "new_tokens.tsv"))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            mlflow.log_artifact(str(paths.domain_init / name), artifact_path="tokenizer")
         log.info("adapt_tokenizer: %s", metrics)
 
 

@@ -1,7 +1,10 @@
 """clean: normalise, filter, deduplicate and decontaminate the domain text; split train/validation.
 
 Every drop has a named reason and is counted in `metrics/clean.json`. Decontamination removes domain
-documents whose normalised text equals a task dev/test text, so pretraining never sees evaluation text.
+documents whose normalised text equals a task dev/test text (`contaminated`) or shares a run of
+`decontaminate_ngram` words with one (`ngram_overlap`), so pretraining never sees evaluation text. Runs of
+words found in more than `decontaminate_max_df` domain documents are the domain's boilerplate and do not
+count.
 The train/validation split is decided by a hash of the normalised text: stable across runs, machines and
 document order.
 
@@ -17,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from stages import tracking
@@ -32,6 +35,14 @@ class CleanParams(Section):
     max_valid_docs: int = Field(ge=1)
     general_max_docs: int = Field(ge=1)
     decontaminate: bool = True
+    decontaminate_ngram: int = Field(ge=0)
+    decontaminate_max_df: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanParams:
+        if self.min_words > self.max_words:
+            raise ValueError(f"clean.min_words ({self.min_words}) exceeds clean.max_words ({self.max_words})")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,8 +85,54 @@ class MaxWords:
         return len(text.split()) <= self.n
 
 
-def clean_docs(docs: Iterable[dict], filters: list, blocked: set[str], counts: Counter) -> list[dict]:
-    """Normalise, filter, drop blocked fingerprints (decontamination) and exact duplicates.
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Lower-cased word n-grams (the unit of GPT-3-style overlap decontamination)."""
+    words = text.lower().split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """Evaluation texts pretraining must not see: exact copies, and any shared run of `n` words.
+
+    The n-gram rule also catches a domain document that *contains* an evaluation text (a full licence
+    that embeds a test notice) or differs from it in a name or a year.
+    """
+
+    fingerprints: frozenset[str]
+    ngrams: frozenset[tuple[str, ...]]
+    n: int
+
+    @classmethod
+    def of(cls, texts: Iterable[str], n: int, corpus: Iterable[str] = (), max_df: int | None = None) -> Contamination:
+        """From the held-out texts; n-grams found in more than `max_df` documents of `corpus` are left out.
+
+        Those are the domain's boilerplate ("provided as is, without warranty of any kind"), shared by
+        thousands of documents: dropping every document that contains one would drop most of the corpus
+        without removing anything specific to an evaluation text.
+        """
+        texts = [normalise(t) for t in texts]
+        grams = {g for t in texts for g in word_ngrams(t, n)} if n else set()
+        if grams and max_df is not None:
+            df: Counter = Counter()
+            for doc in tqdm(corpus, desc="n-gram document frequency", unit="doc", mininterval=2):
+                df.update(grams.intersection(word_ngrams(normalise(doc), n)))
+            grams = {g for g in grams if df[g] <= max_df}
+        return cls(frozenset(fingerprint(t) for t in texts), frozenset(grams), n)
+
+    def reason(self, text: str, fp: str) -> str | None:
+        if fp in self.fingerprints:
+            return "contaminated"
+        if self.ngrams and not self.ngrams.isdisjoint(word_ngrams(text, self.n)):
+            return "ngram_overlap"
+        return None
+
+
+NO_CONTAMINATION = Contamination(frozenset(), frozenset(), 0)
+
+
+def clean_docs(docs: Iterable[dict], filters: list, contamination: Contamination, counts: Counter) -> list[dict]:
+    """Normalise, filter, decontaminate and drop exact duplicates.
 
     `counts` receives one entry per drop reason plus `kept`; returned docs carry their fingerprint.
     """
@@ -85,8 +142,8 @@ def clean_docs(docs: Iterable[dict], filters: list, blocked: set[str], counts: C
         text = normalise(doc["text"])
         reason = next((f.name for f in filters if not f.keep(text)), None)
         fp = fingerprint(text)
-        if reason is None and fp in blocked:
-            reason = "contaminated"
+        if reason is None:
+            reason = contamination.reason(text, fp)
         if reason is None and fp in seen:
             reason = "duplicate"
         if reason:
@@ -122,20 +179,23 @@ def run(p: CleanParams, paths: Paths) -> None:
     """Clean domain and general text, write the splits and per-reason counts."""
     with tracking.stage_run("clean", p):
         filters = [MinWords(p.min_words), MaxWords(p.max_words)]
-        blocked: set[str] = set()
+        raw_domain = read_jsonl(paths.raw_domain)
+        contamination = NO_CONTAMINATION
         if p.decontaminate:
-            for split in ("dev", "test"):
-                blocked |= {fingerprint(normalise(ex["text"])) for ex in read_jsonl(paths.task / f"{split}.jsonl")}
+            held_out = [ex["text"] for split in ("dev", "test") for ex in read_jsonl(paths.task / f"{split}.jsonl")]
+            contamination = Contamination.of(held_out, p.decontaminate_ngram, (d["text"] for d in raw_domain),
+                                             p.decontaminate_max_df)
 
         domain_counts: Counter = Counter()
-        domain = clean_docs(read_jsonl(paths.raw_domain), filters, blocked, domain_counts)
+        domain = clean_docs(raw_domain, filters, contamination, domain_counts)
         train, valid = split_domain(domain, p.valid_fraction, p.max_valid_docs)
         general_counts: Counter = Counter()
-        general = clean_docs(read_jsonl(paths.raw_general), filters, set(), general_counts)
+        general = clean_docs(read_jsonl(paths.raw_general), filters, NO_CONTAMINATION, general_counts)
         general = sorted(general, key=lambda d: d["fp"])[: p.general_max_docs]
-        for name, docs in (("domain train", train), ("domain validation", valid), ("general", general)):
+        for name, docs, counts in (("domain train", train, domain_counts), ("domain validation", valid, domain_counts),
+                                   ("general", general, general_counts)):
             if not docs:
-                raise ValueError(f"clean: {name} text is empty after filtering; counts: {dict(domain_counts)}")
+                raise ValueError(f"clean: {name} text is empty after filtering; drops by reason: {dict(counts)}")
 
         write_jsonl(paths.domain_train, strip_fp(train))
         write_jsonl(paths.domain_valid, strip_fp(valid))

@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from pydantic import Field  # noqa: E402
+from scipy import stats  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -53,21 +54,29 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict[str,
 
 
 def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str) -> dict[str, float]:
-    """Per-seed a - b on the seeds both variants share: mean, std, and how often a won."""
+    """Per-seed a - b on the seeds both variants share: mean, std, wins, a paired t-test and its 95% CI."""
     seeds = sorted(set(runs[a]) & set(runs[b]))
     diffs = [runs[a][s][metric] - runs[b][s][metric] for s in seeds]
-    return {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "diffs": diffs}
+    out = {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "diffs": diffs, "p_value": 1.0,
+           "ci_low": float("-inf"), "ci_high": float("inf")}
+    if len(diffs) > 1 and out["std"] > 0:
+        test = stats.ttest_rel([runs[a][s][metric] for s in seeds], [runs[b][s][metric] for s in seeds])
+        half = stats.t.ppf(0.975, len(diffs) - 1) * out["std"] / len(diffs) ** 0.5
+        out.update(p_value=float(test.pvalue), ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+    elif len(diffs) > 1:  # identical differences on every seed: no spread to test against
+        out.update(p_value=0.0 if out["mean"] else 1.0, ci_low=out["mean"], ci_high=out["mean"])
+    return out
 
 
-def verdict(diff: dict[str, float]) -> str:
-    """One honest sentence: a paired difference smaller than its own spread is not a result."""
-    mean, std, n = diff["mean"], diff["std"], diff["n"]
-    if n < 2 or abs(mean) <= std:
-        return (f"Domain adaptation made no clear difference: domain - general macro-F1 = {mean:+.3f} "
-                f"+- {std:.3f} over {n} paired seeds (domain better in {diff['wins']}/{n}).")
+def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
+    """One honest sentence: significant at `alpha` by a paired t-test over seeds, or not a result."""
+    mean, n = diff["mean"], diff["n"]
+    stats_text = (f"domain - general macro-F1 = {mean:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f}, "
+                  f"paired t-test p = {diff['p_value']:.2f}, domain better in {diff['wins']}/{n} seeds)")
+    if n < 2 or diff["p_value"] >= alpha:
+        return f"No significant difference between the domain-adapted and the general model: {stats_text}."
     word = "better" if mean > 0 else "worse"
-    return (f"The domain-adapted model is {word}: domain - general macro-F1 = {mean:+.3f} +- {std:.3f} "
-            f"over {n} paired seeds (domain better in {diff['wins']}/{n}).")
+    return f"The domain-adapted model is significantly {word}: {stats_text}."
 
 
 def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dict[str, float]:
@@ -112,7 +121,8 @@ def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> st
         f1, acc = s["test_macro_f1"], s["test_accuracy"]
         lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
     lines.append(f"| TF-IDF + LR (reference) | - | {tfidf['test_macro_f1']:.3f} | {tfidf['test_accuracy']:.3f} |")
-    lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]), "",
+    lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
+              "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", "",
               "![comparison](comparison.png)", ""]
     pre = extra.get("pretrain")
     if pre:
@@ -148,7 +158,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
         task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "test")}
         tfidf = tfidf_baseline(task["train"], task["test"], p)
         diff = paired_difference(runs, "domain", "general", "test_macro_f1") if {"domain", "general"} <= set(runs) \
-            else {"mean": 0.0, "std": 0.0, "n": 0, "wins": 0, "diffs": []}
+            else paired_difference({"domain": {}, "general": {}}, "domain", "general", "test_macro_f1")
         extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
                  for name in ("pretrain", "adapt_tokenizer") if (paths.metrics / f"{name}.json").exists()}
 
@@ -161,6 +171,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
             **{f"tfidf_{m.removeprefix('test_')}": v for m, v in tfidf.items()},
             "domain_minus_general_macro_f1_mean": diff["mean"],
             "domain_minus_general_macro_f1_std": diff["std"],
+            "domain_minus_general_p_value": diff["p_value"],
             "domain_wins": diff["wins"],
             "seeds": len(fp.seeds),
         }

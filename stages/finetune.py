@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from sklearn.metrics import accuracy_score, f1_score
+from sklearn.utils.class_weight import compute_class_weight
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, \
     Trainer, TrainingArguments, set_seed
 
@@ -56,10 +56,25 @@ class FinetuneParams(Section):
 
 
 def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
-    """Inverse-frequency ("balanced") weights: n / (k * count); unseen classes get weight 0."""
-    counts = Counter(labels)
-    n = len(labels)
-    return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)])
+    """scikit-learn's "balanced" weights, n / (k * count); every class must occur in `labels`."""
+    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=np.asarray(labels))
+    return torch.tensor(weights, dtype=torch.float)
+
+
+class WeightedLoss:
+    """Class-weighted cross-entropy for the Trainer's `compute_loss_func` (None: unweighted)."""
+
+    def __init__(self, weights: torch.Tensor | None):
+        self.weights = weights
+
+    def __call__(self, outputs, targets, num_items_in_batch=None) -> torch.Tensor:
+        w = self.weights.to(outputs.logits.device) if self.weights is not None else None
+        return torch.nn.functional.cross_entropy(outputs.logits.float(), targets, weight=w)
+
+
+def dev_metrics(pred) -> dict[str, float]:
+    """The Trainer's `compute_metrics`: dev scores from logits."""
+    return scores(pred.label_ids.tolist(), np.argmax(pred.predictions, -1).tolist())
 
 
 def scores(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
@@ -78,6 +93,22 @@ def share_pooler(model: torch.nn.Module, missing_keys: list[str], reference: Pat
         return False
     pooler.load_state_dict(ref.pooler.state_dict())
     return True
+
+
+@torch.no_grad()
+def init_classifier(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw the classification head from `seed` alone.
+
+    Loading draws random numbers for every missing weight (the domain checkpoint also misses a pooler), so
+    without this the same seed would give the two variants different heads and unpaired runs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    for module in model.classifier.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+            if module.bias is not None:
+                module.bias.zero_()
 
 
 def encode(tok, examples: list[dict], label2id: dict[str, int], max_len: int) -> list[dict]:
@@ -117,16 +148,10 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
             output_loading_info=True)
         if share_pooler(model, info["missing_keys"], paths.base_model):
             log.info("finetune: %s checkpoint has no pooler; using the base model's", variant)
+        init_classifier(model, seed)
 
         # loss: class-weighted cross-entropy, or rare categories are never predicted
         weights = class_weights([ex["labels"] for ex in data["train"]], len(labels)) if t.class_weighted else None
-
-        def loss_fn(outputs, targets, num_items_in_batch=None):
-            w = weights.to(outputs.logits.device) if weights is not None else None
-            return torch.nn.functional.cross_entropy(outputs.logits.float(), targets, weight=w)
-
-        def dev_metrics(pred) -> dict[str, float]:
-            return scores(pred.label_ids.tolist(), np.argmax(pred.predictions, -1).tolist())
 
         # trainer
         with tempfile.TemporaryDirectory(prefix="finetune-") as scratch:
@@ -143,7 +168,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
             )
             trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                               data_collator=DataCollatorWithPadding(tok), compute_metrics=dev_metrics,
-                              compute_loss_func=loss_fn, callbacks=[tracking.MLflowLogger()])
+                              compute_loss_func=WeightedLoss(weights), callbacks=[tracking.MLflowLogger()])
 
             # train
             trainer.train()

@@ -30,8 +30,9 @@ from stages.common import Paths, Section, atomic_path, load_params, load_paths, 
     write_json, write_jsonl
 
 SPLITS = ("train", "dev", "test")
-# model files worth copying; anything else in a hub repo (ONNX exports, other frameworks) is dead weight
-MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"]
+# hub files that are not the PyTorch model or its tokenizer (other frameworks, exports, docs)
+HUB_SKIP = ["*.onnx", "onnx/*", "openvino/*", "coreml/*", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*",
+            "rust_model*", "*.md", ".gitattributes"]
 
 
 class DemoParams(Section):
@@ -60,11 +61,13 @@ class IngestParams(Section):
     seed: int = 0
     max_domain_docs: int | None = Field(default=None, ge=1)
     max_general_docs: int | None = Field(default=None, ge=1)
-    demo: DemoParams
-    files: FilesParams
+    demo: DemoParams | None = None
+    files: FilesParams = FilesParams()
 
     @model_validator(mode="after")
-    def _files_complete(self) -> IngestParams:
+    def _source_complete(self) -> IngestParams:
+        if self.source == "demo" and self.demo is None:
+            raise ValueError("source 'demo' needs the ingest.demo section")
         if self.source == "files":
             missing = [k for k in ("domain", "general", "train", "dev", "test") if getattr(self.files, k) is None]
             if missing:
@@ -148,11 +151,16 @@ def snapshot_model(name: str, target: Path) -> None:
         elif src.exists():
             raise ValueError(f"ingest.base_model: {src} is a file; expected a model folder or hub name")
         else:  # a hub name: only reachable for users with internet
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import HfApi, snapshot_download
 
-            snapshot_download(name, local_dir=tmp, allow_patterns=MODEL_FILES)
+            # older checkpoints ship only pytorch_model.bin; skip it where safetensors exist
+            has_safetensors = any(f.endswith(".safetensors") for f in HfApi().list_repo_files(name))
+            snapshot_download(name, local_dir=tmp, ignore_patterns=HUB_SKIP + (["*.bin"] if has_safetensors else []))
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # download metadata with timestamps: new hash each time
         if not (tmp / "config.json").exists():
             raise ValueError(f"ingest.base_model: {name} has no config.json; is it a Transformers model?")
+        if not [*tmp.glob("*.safetensors"), *tmp.glob("*.bin")]:
+            raise ValueError(f"ingest.base_model: {name} has no weights (*.safetensors or *.bin)")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +53,7 @@ class PretrainParams(Section):
     head_warmup_learning_rate: float = Field(gt=0, lt=1)
     max_steps: int = Field(ge=1)
     eval_steps: int = Field(ge=1)
-    max_eval_blocks: int = Field(default=64, ge=1)
+    max_eval_blocks: int = Field(ge=1)
     patience: int = Field(ge=1)
     min_delta: float = Field(ge=0)
     max_general_degradation: float = Field(gt=0)
@@ -101,13 +103,13 @@ def fixed_eval_batches(blocks: torch.Tensor, collator, batch_size: int) -> list[
 # model: the MLM head at masked positions only
 
 
-def mlm_head(model: torch.nn.Module):
+def mlm_head(model: torch.nn.Module) -> torch.nn.Module:
     """The module mapping hidden states to vocabulary logits, for the families we support."""
     for attr in ("cls", "lm_head"):  # BERT, RoBERTa
         if hasattr(model, attr):
             return getattr(model, attr)
-    if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBERT
-        return lambda h: model.decoder(model.head(h))
+    if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBERT: transform, then projection
+        return torch.nn.Sequential(model.head, model.decoder)
     raise ValueError(f"pretrain: no MLM head found on {type(model).__name__}")
 
 
@@ -162,7 +164,7 @@ class DomainGeneralStopping(TrainerCallback):
     than the best admissible one by at least `min_delta`.
     """
 
-    def __init__(self, p: PretrainParams, eval_sets: dict[str, list], best_dir: Path, tok: PreTrainedTokenizerBase,
+    def __init__(self, p: PretrainParams, eval_sets: dict[str, list], best_dir: Path, tok: PreTrainedTokenizerBase | None,
                  step_offset: int):
         self.p, self.eval_sets, self.best_dir, self.tok = p, eval_sets, best_dir, tok
         self.step_offset = step_offset  # head-warmup steps, so curves share one step axis
@@ -197,7 +199,7 @@ class DomainGeneralStopping(TrainerCallback):
         return self.stop_reason != "max_steps"
 
     def save(self, model: SparseMLM) -> None:
-        """The current model and tokenizer become the stage's output (replaced in one rename)."""
+        """Keep the current model and tokenizer as the best so far (in scratch; moved into place at the end)."""
         with atomic_path(self.best_dir) as tmp:
             model.mlm.save_pretrained(tmp)
             self.tok.save_pretrained(tmp)
@@ -209,13 +211,13 @@ class DomainGeneralStopping(TrainerCallback):
         return control
 
 
-def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float) -> TrainingArguments:
+def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float, seed: int) -> TrainingArguments:
     """Trainer settings shared by both phases; bf16 and fused AdamW where the hardware has them."""
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=p.batch_size, learning_rate=lr,
         weight_decay=p.weight_decay, warmup_steps=int(warmup * steps), lr_scheduler_type="linear",
-        logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=p.seed,
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=seed,
         bf16=cuda and torch.cuda.is_bf16_supported(), optim="adamw_torch_fused" if cuda else "adamw_torch",
         dataloader_drop_last=True, dataloader_pin_memory=cuda, remove_unused_columns=False, disable_tqdm=False,
     )
@@ -255,7 +257,7 @@ def run(p: PretrainParams, paths: Paths) -> None:
         # model
         model = SparseMLM(AutoModelForMaskedLM.from_pretrained(paths.domain_init))
         collator = make_collator(tok, p)
-        scratch = Path(".cache/pretrain")
+        scratch = Path(tempfile.mkdtemp(prefix="pretrain-"))
 
         # head warm-up: encoder (and tied embeddings) frozen, only the head's own weights learn
         if p.head_warmup_steps > 0:
@@ -263,21 +265,27 @@ def run(p: PretrainParams, paths: Paths) -> None:
                 {id(w) for w in model.mlm.base_model.parameters()}
             for w in model.parameters():
                 w.requires_grad_(id(w) in head_params)
-            Trainer(model=model, args=training_args(p, scratch, p.head_warmup_learning_rate, p.head_warmup_steps, 0.0),
+            Trainer(model=model, args=training_args(p, scratch, p.head_warmup_learning_rate, p.head_warmup_steps, 0.0,
+                                                    p.seed),
                     train_dataset=train_dataset, data_collator=collator,
                     callbacks=[tracking.MLflowLogger("head_")]).train()
             for w in model.parameters():
                 w.requires_grad_(True)
 
         # train: evaluate first, so the unadapted model is the baseline and the first admissible checkpoint
-        stopping = DomainGeneralStopping(p, eval_sets, paths.domain_model, tok, step_offset=p.head_warmup_steps)
+        stopping = DomainGeneralStopping(p, eval_sets, scratch / "best", tok, step_offset=p.head_warmup_steps)
         stopping.evaluate_and_decide(model, p.head_warmup_steps)
-        trainer = Trainer(model=model, args=training_args(p, scratch, p.learning_rate, p.max_steps, p.warmup_ratio),
+        # another seed than the warm-up's: the same one would replay its blocks in the same order with the same masks
+        trainer = Trainer(model=model, args=training_args(p, scratch, p.learning_rate, p.max_steps, p.warmup_ratio,
+                                                          p.seed + 1),
                           train_dataset=train_dataset, data_collator=collator,
                           callbacks=[stopping, tracking.MLflowLogger(step_offset=p.head_warmup_steps)])
         trainer.train()
 
-        # evaluate and save (the best model is already in place)
+        # save: the best admissible checkpoint becomes the output in one step, so a crash leaves none
+        with atomic_path(paths.domain_model) as tmp:
+            shutil.move(scratch / "best", tmp)
+        shutil.rmtree(scratch, ignore_errors=True)
         first, best, last = stopping.history[0], stopping.best, stopping.history[-1]
         metrics = {
             "stop_reason": stopping.stop_reason,

@@ -79,3 +79,20 @@ def test_atomic_path_replaces_directory(tmp_path):
         tmp.mkdir()
         (tmp / "new.bin").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.bin"]
+
+
+def test_gpu_profile_only_sets_existing_params():
+    """`dvc exp run -S` refuses keys that params.yaml lacks; `make run-gpu` must not hit that."""
+    import re
+
+    import yaml
+
+    makefile = (ROOT / "Makefile").read_text()
+    keys = re.findall(r"-S '?([\w.]+)=", makefile)
+    assert len(keys) >= 10
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key in keys:
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"make run-gpu sets {key}, which params.yaml lacks"
+            node = node[part]

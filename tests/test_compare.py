@@ -22,13 +22,25 @@ def test_paired_difference_and_summary():
     assert summarise(runs)["general"]["test_macro_f1"]["std"] == pytest.approx(0.1)
 
 
+def test_paired_t_test_matches_hand_computation():
+    diff = paired_difference(runs_of([0.50, 0.60, 0.70], [0.55, 0.62, 0.78]), "domain", "general", "test_macro_f1")
+    d = [0.05, 0.02, 0.08]
+    mean, sd = sum(d) / 3, (sum((x - sum(d) / 3) ** 2 for x in d) / 2) ** 0.5
+    assert diff["mean"] == pytest.approx(mean) and diff["std"] == pytest.approx(sd)
+    half = 4.302652729911275 * sd / 3 ** 0.5  # t(0.975, df=2)
+    assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((mean - half, mean + half))
+    assert diff["p_value"] == pytest.approx(0.1020, abs=5e-4)  # t = 0.05 / (0.03 / sqrt(3)) = 2.89, df = 2
+
+
 def test_verdict_is_honest_about_noise():
-    assert verdict(paired_difference(runs_of([0.5, 0.6, 0.7], [0.6, 0.7, 0.8]), "domain", "general",
-                                     "test_macro_f1")).startswith("The domain-adapted model is better")
-    assert verdict(paired_difference(runs_of([0.5, 0.6, 0.7], [0.4, 0.5, 0.6]), "domain", "general",
-                                     "test_macro_f1")).startswith("The domain-adapted model is worse")
-    assert verdict(paired_difference(runs_of([0.5, 0.6, 0.7], [0.6, 0.5, 0.71]), "domain", "general",
-                                     "test_macro_f1")).startswith("Domain adaptation made no clear difference")
+    consistent = paired_difference(runs_of([0.5, 0.6, 0.7, 0.6], [0.61, 0.70, 0.82, 0.69]), "domain", "general",
+                                   "test_macro_f1")
+    assert verdict(consistent).startswith("The domain-adapted model is significantly better")
+    worse = paired_difference(runs_of([0.5, 0.6, 0.7, 0.6], [0.39, 0.50, 0.58, 0.51]), "domain", "general",
+                              "test_macro_f1")
+    assert verdict(worse).startswith("The domain-adapted model is significantly worse")
+    noisy = paired_difference(runs_of([0.5, 0.6, 0.7], [0.6, 0.5, 0.71]), "domain", "general", "test_macro_f1")
+    assert verdict(noisy).startswith("No significant difference")
 
 
 def test_stage_report_metrics_and_plot(project):
@@ -45,7 +57,9 @@ def test_stage_report_metrics_and_plot(project):
         learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=8, warmup_ratio=0, weight_decay=0))
     run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0), fp, project)
     report = (project.reports / "comparison.md").read_text()
-    assert report.splitlines()[2].startswith("**The domain-adapted model is better: domain - general macro-F1 = +0.200")
+    # +0.2 on both seeds: no spread, so the difference is taken as exact
+    assert report.splitlines()[2].startswith("**The domain-adapted model is significantly better: domain - general "
+                                             "macro-F1 = +0.200")
     assert "| general | 2 | 0.550 +- 0.071 |" in report
     metrics = json.loads((project.metrics / "compare.json").read_text())
     assert metrics["domain_macro_f1_mean"] == pytest.approx(0.75) and metrics["tfidf_macro_f1"] == 1.0

@@ -5,13 +5,27 @@ import json
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
-from stages.finetune import FinetuneParams, TrainingParams, class_weights, run, scores, share_pooler
+from stages.finetune import FinetuneParams, TrainingParams, class_weights, init_classifier, run, scores, \
+    share_pooler
 from tests.conftest import write_jsonl
 
 
 def test_class_weights_balanced():
-    w = class_weights([0, 0, 0, 1], 3)
-    assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
+    w = class_weights([0, 0, 0, 1, 2, 2], 3)
+    assert torch.allclose(w, torch.tensor([6 / 9, 6 / 3, 6 / 6]))
+
+
+def test_same_seed_same_head_for_both_variants(tiny_bert, tmp_path):
+    mlm_dir = tmp_path / "mlm"
+    AutoModelForMaskedLM.from_pretrained(tiny_bert).save_pretrained(mlm_dir)
+    heads = []
+    for path, draws in ((tiny_bert, 0), (mlm_dir, 3)):
+        torch.manual_seed(0)
+        torch.randn(draws)  # loading a checkpoint with more missing weights consumes more random numbers
+        clf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+        init_classifier(clf, seed=5)
+        heads.append(clf.classifier.weight.clone())
+    assert torch.equal(heads[0], heads[1]) and heads[0].std() > 0
 
 
 def test_scores():
