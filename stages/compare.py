@@ -115,8 +115,12 @@ def plot(summary: dict, runs: dict[str, dict[int, dict]], tfidf: dict[str, float
 
 def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> str:
     """The markdown report: verdict first, then the table, then what explains it."""
-    lines = [f"# General vs domain-adapted model\n", f"**{verdict(diff)}**\n",
-             "| variant | seeds | test macro-F1 | test accuracy |", "|---|---|---|---|"]
+    lines = [f"# General vs domain-adapted model\n", f"**{verdict(diff)}**\n"]
+    pre = extra.get("pretrain")
+    if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
+        lines.append(f"Pretraining hit its step limit ({pre['steps']} steps) with domain validation loss still "
+                     "falling: this measures a short adaptation, not a converged one.\n")
+    lines += ["| variant | seeds | test macro-F1 | test accuracy |", "|---|---|---|---|"]
     for v, s in summary.items():
         f1, acc = s["test_macro_f1"], s["test_accuracy"]
         lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
@@ -124,7 +128,6 @@ def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> st
     lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
               "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", "",
               "![comparison](comparison.png)", ""]
-    pre = extra.get("pretrain")
     if pre:
         lines += ["## Continued pretraining", "",
                   f"Stopped after {pre['steps']} steps ({pre['stop_reason']}); best checkpoint at step "

@@ -55,8 +55,13 @@ def test_stage_report_metrics_and_plot(project):
             (out / "metrics.json").write_text(json.dumps({"test_macro_f1": f, "test_accuracy": f + 0.1}))
     fp = FinetuneParams(variants=["general", "domain"], seeds=[0, 1], training=TrainingParams(
         learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=8, warmup_ratio=0, weight_decay=0))
+    (project.metrics).mkdir()
+    (project.metrics / "pretrain.json").write_text(json.dumps({
+        "stop_reason": "max_steps", "steps": 150, "best_step": 150, "tokens_seen": 1000, "seconds": 9.0,
+        **{f"{s}_loss_{w}": 5.0 for s in ("domain", "general") for w in ("start", "best", "end")}}))
     run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0), fp, project)
     report = (project.reports / "comparison.md").read_text()
+    assert "Pretraining hit its step limit (150 steps) with domain validation loss still falling" in report
     # +0.2 on both seeds: no spread, so the difference is taken as exact
     assert report.splitlines()[2].startswith("**The domain-adapted model is significantly better: domain - general "
                                              "macro-F1 = +0.200")
