@@ -60,9 +60,9 @@ def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: 
     out = {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "diffs": diffs, "p_value": 1.0,
            "ci_low": float("-inf"), "ci_high": float("inf")}
     if len(diffs) > 1 and out["std"] > 0:
-        test = stats.ttest_rel([runs[a][s][metric] for s in seeds], [runs[b][s][metric] for s in seeds])
-        half = stats.t.ppf(0.975, len(diffs) - 1) * out["std"] / len(diffs) ** 0.5
-        out.update(p_value=float(test.pvalue), ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+        test = stats.ttest_1samp(diffs, 0.0)  # on the per-seed differences: the paired t-test
+        ci = test.confidence_interval(0.95)
+        out.update(p_value=float(test.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
     elif len(diffs) > 1:  # identical differences on every seed: no spread to test against
         out.update(p_value=0.0 if out["mean"] else 1.0, ci_low=out["mean"], ci_high=out["mean"])
     return out
