@@ -1,158 +1,234 @@
-"""clean: normalise, filter, deduplicate and decontaminate the domain text; split train/validation.
+"""clean: normalise, filter, deduplicate (exact and near) and decontaminate the domain text; split train/valid.
 
-Every drop has a named reason and is counted in `metrics/clean.json`. Decontamination removes domain
-documents whose normalised text equals a task dev/test text (`contaminated`) or shares a run of
-`decontaminate_ngram` words with one (`ngram_overlap`), so pretraining never sees evaluation text. Runs of
-words found in more than `decontaminate_max_df` domain documents are the domain's boilerplate and do not
-count.
-The train/validation split is decided by a hash of the normalised text: stable across runs, machines and
-document order.
+The blocks are datatrove pipeline steps (`stages.filters`), listed in order under `clean.steps` in params.yaml;
+each can be switched off. The corpus streams through them shard by shard on datatrove's executors, the
+way FineWeb was built:
+
+1. filter:  read shards -> steps -> write survivors -> exact-dedup signatures
+2. exact:   find exact duplicates (hash of the case- and space-normalised text) -> drop them -> MinHash signatures
+3. near:    MinHash LSH over word n-grams (bands x rows in params) -> clusters -> keep one per cluster
+4. merge:   survivors in input order -> train/validation split by a hash of the text -> outputs
+
+Every drop has a named reason: per-reason counts go to `metrics/clean.json` and MLflow, and the first
+`dropped_samples` documents of each reason to `reports/clean/dropped_<step>_<reason>.jsonl`. `reports/clean/
+report.md` shows the counts, near-duplicate pairs and the task's own train/test overlap.
+`clean.executor.engine` picks datatrove's local executor (processes on this machine) or its Ray executor
+(a Ray cluster, or a local Ray when none is configured). Nothing holds the corpus in memory: shards stream,
+and dedup works on signatures on disk.
 
 Run: `dvc repro clean` (or `python -m stages.clean`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import unicodedata
+import heapq
+import json
+import shutil
+import tempfile
+import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
 
+import mlflow
 from pydantic import Field, model_validator
-from tqdm.auto import tqdm
 
 from stages import tracking
-from stages.common import Paths, Section, load_params, load_paths, log, read_jsonl, setup_logging, \
-    write_json, write_jsonl
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
+    write_json
+from stages.gopher import WhitespaceWordTokenizer
+from stages.filters import Decontaminate, build_steps, check_steps, fingerprint, named
+
+
+class NearDedupParams(Section):
+    enabled: bool = True
+    n_grams: int = Field(default=5, ge=1)
+    bands: int = Field(default=14, ge=1)
+    rows: int = Field(default=8, ge=1)
+    seed: int = 1
+    strip_diacritics: bool = False
+
+
+class ExecutorParams(Section):
+    engine: Literal["local", "ray"] = "local"
+    tasks: int = Field(default=1, ge=1)
+    workers: int = Field(default=1, ge=1)
+    options: dict[str, Any] = {}
 
 
 class CleanParams(Section):
-    min_words: int = Field(ge=1)
-    max_words: int = Field(ge=1)
+    steps: dict[str, dict[str, Any] | None]
+    exact_dedup: bool = True
+    near_dedup: NearDedupParams = NearDedupParams()
     valid_fraction: float = Field(gt=0, lt=0.5)
     max_valid_docs: int = Field(ge=1)
     general_max_docs: int = Field(ge=1)
-    decontaminate: bool = True
-    decontaminate_ngram: int = Field(ge=0)
-    decontaminate_max_df: int | None = Field(default=None, ge=1)
+    dropped_samples: int = Field(default=20, ge=0)
+    executor: ExecutorParams = ExecutorParams()
+    work_dir: str | None = None
 
     @model_validator(mode="after")
-    def _bounds(self) -> CleanParams:
-        if self.min_words > self.max_words:
-            raise ValueError(f"clean.min_words ({self.min_words}) exceeds clean.max_words ({self.max_words})")
+    def _steps(self) -> CleanParams:
+        check_steps(self.steps)
         return self
 
 
 # ---------------------------------------------------------------------------------------------------
-# normalisation and filters (pure; one decision each, with a name that is counted)
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SPACES = re.compile(r"[ \t\u00a0]+")
-_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
+# datatrove plumbing (module level: executors pickle these into worker processes)
 
 
-def normalise(text: str) -> str:
-    """NFC, no control characters, single spaces, at most one blank line, stripped."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub(" ", text)
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", text).strip()
+def read_doc(self, data: dict, path: str, id_in_file: int) -> dict:
+    """Reader adapter: remember where each document came from, so the output keeps the input order."""
+    text = data.get("text")
+    return {"text": text if isinstance(text, str) else "", "id": str(data.get("id", f"{path}:{id_in_file}")),
+            "metadata": {"src": path, "line": id_in_file}}
 
 
-def fingerprint(text: str) -> str:
-    """Identity of a text for dedup, decontamination and the split: case and spacing do not count."""
-    return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
+def dedup_key(doc) -> bytes:
+    """What exact dedup compares: the text with case and spacing ignored (bytes: datatrove hashes it as is)."""
+    return " ".join(doc.text.lower().split()).encode("utf-8")
 
 
-@dataclass(frozen=True)
-class MinWords:
-    n: int
-    name: str = "too_short"
-
-    def keep(self, text: str) -> bool:
-        return len(text.split()) >= self.n
-
-
-@dataclass(frozen=True)
-class MaxWords:
-    n: int
-    name: str = "too_long"
-
-    def keep(self, text: str) -> bool:
-        return len(text.split()) <= self.n
+def shards(path: Path) -> tuple[str, str]:
+    """A JSONL file, or a folder of them, as datatrove's (data_folder, glob_pattern)."""
+    if path.is_dir():
+        return str(path), "*.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"clean: input {path} does not exist; run `dvc repro ingest` first")
+    return str(path.parent), path.name
 
 
-def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    """Lower-cased word n-grams (the unit of GPT-3-style overlap decontamination)."""
-    words = text.lower().split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+def executor(p: ExecutorParams, pipeline: list, logs: Path, tasks: int | None = None):
+    tasks = p.tasks if tasks is None else tasks
+    if p.engine == "ray":
+        import ray
+        from datatrove.executor.ray import RayPipelineExecutor
+
+        if not ray.is_initialized():
+            # joins the cluster in RAY_ADDRESS when set, else starts a local Ray on this machine
+            ray.init(include_dashboard=False, log_to_driver=False)
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=p.workers, logging_dir=str(logs), **p.options)
+    from datatrove.executor import LocalPipelineExecutor
+
+    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(p.workers, tasks), logging_dir=str(logs),
+                                 **p.options)
 
 
-@dataclass(frozen=True)
-class Contamination:
-    """Evaluation texts pretraining must not see: exact copies, and any shared run of `n` words.
-
-    The n-gram rule also catches a domain document that *contains* an evaluation text (a full licence
-    that embeds a test notice) or differs from it in a name or a year.
-    """
-
-    fingerprints: frozenset[str]
-    ngrams: frozenset[tuple[str, ...]]
-    n: int
-
-    @classmethod
-    def of(cls, texts: Iterable[str], n: int, corpus: Iterable[str] = (), max_df: int | None = None) -> Contamination:
-        """From the held-out texts; n-grams found in more than `max_df` documents of `corpus` are left out.
-
-        Those are the domain's boilerplate ("provided as is, without warranty of any kind"), shared by
-        thousands of documents: dropping every document that contains one would drop most of the corpus
-        without removing anything specific to an evaluation text.
-        """
-        texts = [normalise(t) for t in texts]
-        grams = {g for t in texts for g in word_ngrams(t, n)} if n else set()
-        if grams and max_df is not None:
-            df: Counter = Counter()
-            for doc in tqdm(corpus, desc="n-gram document frequency", unit="doc", mininterval=2):
-                df.update(grams.intersection(word_ngrams(normalise(doc), n)))
-            grams = {g for g in grams if df[g] <= max_df}
-        return cls(frozenset(fingerprint(t) for t in texts), frozenset(grams), n)
-
-    def reason(self, text: str, fp: str) -> str | None:
-        if fp in self.fingerprints:
-            return "contaminated"
-        if self.ngrams and not self.ngrams.isdisjoint(word_ngrams(text, self.n)):
-            return "ngram_overlap"
-        return None
-
-
-NO_CONTAMINATION = Contamination(frozenset(), frozenset(), 0)
-
-
-def clean_docs(docs: Iterable[dict], filters: list, contamination: Contamination, counts: Counter) -> list[dict]:
-    """Normalise, filter, decontaminate and drop exact duplicates.
-
-    `counts` receives one entry per drop reason plus `kept`; returned docs carry their fingerprint.
-    """
-    seen: set[str] = set()
-    out = []
-    for doc in tqdm(docs, desc="cleaning", unit="doc", mininterval=2):
-        text = normalise(doc["text"])
-        reason = next((f.name for f in filters if not f.keep(text)), None)
-        fp = fingerprint(text)
-        if reason is None:
-            reason = contamination.reason(text, fp)
-        if reason is None and fp in seen:
-            reason = "duplicate"
-        if reason:
-            counts[reason] += 1
-            continue
-        seen.add(fp)
-        counts["kept"] += 1
-        out.append({"id": doc["id"], "text": text, "fp": fp})
+def step_stats(logs: Path) -> dict[str, dict[str, int]]:
+    """Per-step counters from datatrove's merged stats: {step name: {counter: value}}."""
+    out: dict[str, dict[str, int]] = {}
+    for step in json.loads((logs / "stats.json").read_text()):
+        counters = {k: int(v["total"] if isinstance(v, dict) else v) for k, v in step["stats"].items()}
+        out[step["name"]] = counters
     return out
+
+
+def drops(stats: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """{step: {reason: count}} from datatrove's `dropped_<reason>` counters (`dropped` = no reason given)."""
+    out = {}
+    for name, counters in stats.items():
+        reasons = {k.removeprefix("dropped_"): v for k, v in counters.items() if k.startswith("dropped_")}
+        unnamed = counters.get("dropped", 0) - sum(reasons.values())
+        if unnamed > 0:
+            reasons["dropped"] = unnamed
+        if reasons:
+            out[name] = reasons
+    return out
+
+
+def iter_rank_files(folder: Path) -> Iterator[dict]:
+    """Survivors of all tasks, merged back into input order (file, line): independent of the task count."""
+    files = sorted(folder.glob("*.jsonl"))
+
+    def rows(f: Path) -> Iterator[dict]:
+        with f.open(encoding="utf-8") as fh:
+            for line in fh:
+                yield json.loads(line)
+
+    yield from heapq.merge(*(rows(f) for f in files), key=lambda d: (d["metadata"]["src"], d["metadata"]["line"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the four phases
+
+
+def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, context: dict,
+                     dedup: bool, skip: tuple[str, ...] = ()) -> tuple[Path, dict, dict[str, float]]:
+    """Runs the steps and the dedup phases on `source`; returns the folder of survivors, the stats and the
+    seconds each phase took."""
+    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, \
+        MinhashDedupFilter, MinhashDedupSignature
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, \
+        ExactFindDedups
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.text import TextNormConfig
+
+    from stages.filters import DropSampleWriter
+
+    folder, glob = shards(source)
+    n_files = len(list(Path(folder).glob(glob)))
+    if n_files == 0:
+        raise FileNotFoundError(f"clean: no {glob} files in {folder}")
+    tasks = min(p.executor.tasks, n_files)
+    stats: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
+
+    def phase(name: str, pipeline: list, n_tasks: int = tasks, output: str | None = None) -> bool:
+        """Runs one phase; False when it left no documents (the later phases have nothing to read)."""
+        start = time.perf_counter()
+        executor(p.executor, pipeline, work / "logs" / name, n_tasks).run()
+        seconds[name] = time.perf_counter() - start
+        stats.update(step_stats(work / "logs" / name))
+        if output is None:
+            return True
+        # a task whose documents were all dropped writes no file; an empty one keeps file i = task i for the
+        # next phase's reader, whose dedup decisions are indexed by task
+        for rank in range(n_tasks):
+            (work / output / f"{rank:05d}.jsonl").touch()
+        return any(f.stat().st_size for f in (work / output).glob("*.jsonl"))
+
+    def write(name: str):
+        return JsonlWriter(str(work / name), output_filename="${rank}.jsonl", compression=None)
+
+    exact = ExactDedupConfig(content_getter=dedup_key, hash_config=HashConfig(precision=64))
+    near = MinhashConfig(n_grams=p.near_dedup.n_grams, num_buckets=p.near_dedup.bands,
+                         hashes_per_bucket=p.near_dedup.rows, seed=p.near_dedup.seed,
+                         norm_config=TextNormConfig(norm_unicode_diacritics=p.near_dedup.strip_diacritics))
+    tail = [ExactDedupSignature(str(work / "exact_sigs"), exact)] if dedup and p.exact_dedup else []
+    steps = build_steps(p.steps, context, samples, p.dropped_samples, skip)
+    (work / "filtered").mkdir(parents=True)
+    if not phase("filter", [JsonlReader(folder, glob_pattern=glob, adapter=read_doc), *steps, write("filtered"),
+                            *tail], output="filtered"):
+        return work / "filtered", stats, seconds
+    current = "filtered"
+    if dedup and p.exact_dedup:
+        phase("exact_find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1)
+        drop = ExactDedupFilter(str(work / "exact_dups"), exact, DropSampleWriter(samples / "exact_dedup",
+                                                                                  p.dropped_samples))
+        named(drop, "exact_dedup")
+        if not phase("exact_filter", [JsonlReader(str(work / current)), drop, write("exact")], output="exact"):
+            return work / "exact", stats, seconds
+        current = "exact"
+    if dedup and p.near_dedup.enabled:
+        sig = MinhashDedupSignature(str(work / "mh_sigs"), near, language=WhitespaceWordTokenizer())
+        named(sig, "near_dedup_signatures")
+        phase("near_sigs", [JsonlReader(str(work / current)), sig])
+        phase("near_buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=near)],
+              near.num_buckets)
+        phase("near_cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=near,
+                                                   save_cluster_id=True)], 1)
+        for rank in range(tasks):
+            # datatrove skips a task with no removals before it loads cluster ids: the report needs them
+            (work / "mh_remove" / f"{rank:06d}.remove").touch()
+        drop = MinhashDedupFilter(str(work / "mh_remove"), DropSampleWriter(samples / "near_dedup", p.dropped_samples),
+                                  load_cluster_ids=True)
+        named(drop, "near_dedup")
+        phase("near_filter", [JsonlReader(str(work / current)), drop, write("near")], output="near")
+        current = "near"
+    return work / current, stats, seconds
 
 
 def is_validation(fp: str, fraction: float) -> bool:
@@ -160,57 +236,193 @@ def is_validation(fp: str, fraction: float) -> bool:
     return int(fp[:8], 16) / 16**8 < fraction
 
 
-def split_domain(docs: list[dict], fraction: float, max_valid: int) -> tuple[list[dict], list[dict]]:
-    """Train/validation by hash; validation capped at `max_valid` (the lowest hashes, so still stable)."""
-    valid = sorted((d for d in docs if is_validation(d["fp"], fraction)), key=lambda d: d["fp"])
-    chosen = {d["fp"] for d in valid[:max_valid]}
-    train = [d for d in docs if d["fp"] not in chosen]
-    return train, [d for d in docs if d["fp"] in chosen]
+def write_split(survivors: Path, p: CleanParams, train_path: Path, valid_path: Path) -> dict[str, int]:
+    """Two streaming passes: choose the validation fingerprints (the `max_valid_docs` lowest hashes under
+    `valid_fraction`, so the choice is stable), then write every survivor to train or validation."""
+    candidates: list[str] = []  # a max-heap of the smallest hashes, as negated ints
+    for doc in iter_rank_files(survivors):
+        fp = fingerprint(doc["text"])
+        if is_validation(fp, p.valid_fraction):
+            item = -int(fp, 16)
+            if len(candidates) < p.max_valid_docs:
+                heapq.heappush(candidates, item)
+            elif item > candidates[0]:
+                heapq.heapreplace(candidates, item)
+    chosen = {-c for c in candidates}
+    counts = Counter()
+    with atomic_path(train_path) as tmp_train, atomic_path(valid_path) as tmp_valid, \
+            tmp_train.open("w", encoding="utf-8") as train, tmp_valid.open("w", encoding="utf-8") as valid:
+        for doc in iter_rank_files(survivors):
+            is_valid = int(fingerprint(doc["text"]), 16) in chosen
+            (valid if is_valid else train).write(json.dumps({"id": doc["id"], "text": doc["text"]},
+                                                            ensure_ascii=False) + "\n")
+            counts["domain_valid_docs" if is_valid else "domain_train_docs"] += 1
+            if not is_valid:
+                counts["domain_train_words"] += len(doc["text"].split())
+    return dict(counts)
 
 
-def strip_fp(docs: list[dict]) -> list[dict]:
-    return [{"id": d["id"], "text": d["text"]} for d in docs]
+def pick_general(survivors: Path, n: int, path: Path) -> int:
+    """The `n` general texts with the lowest hashes (distinct texts): a stable sample of any size corpus."""
+    seen: set[str] = set()
+    best: list[tuple[int, str, str]] = []  # a max-heap of the lowest hashes, as negated ints
+    for doc in iter_rank_files(survivors):
+        fp = fingerprint(doc["text"])
+        if fp in seen:
+            continue
+        seen.add(fp)
+        item = (-int(fp, 16), doc["id"], doc["text"])
+        if len(best) < n:
+            heapq.heappush(best, item)
+        elif item[0] > best[0][0]:
+            heapq.heapreplace(best, item)
+    rows = [{"id": i, "text": t} for _, i, t in sorted(best, reverse=True)]
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a person checks: dropped samples, near-duplicate pairs, the task's own overlap
+
+
+SAMPLE_CHARS = 3000
+
+
+def gather_samples(samples: Path, out: Path, per_reason: int) -> dict[str, Path]:
+    """`samples/<step>/<reason>/<rank>.jsonl` -> `out/dropped_<step>_<reason>.jsonl` (first `per_reason`)."""
+    written = {}
+    for reason_dir in sorted(d for d in samples.glob("*/*") if d.is_dir()):
+        step, reason = reason_dir.parent.name, reason_dir.name
+        rows = [json.loads(line) for f in sorted(reason_dir.glob("*.jsonl"))
+                for line in f.read_text("utf-8").splitlines()][:per_reason]
+        for row in rows:  # enough to judge the filter; a 1 MB "document" would bloat the repository
+            if len(row["text"]) > SAMPLE_CHARS:
+                row["metadata"]["chars"] = len(row["text"])
+                row["text"] = row["text"][:SAMPLE_CHARS] + " [...]"
+        target = out / f"dropped_{step}_{reason}.jsonl"
+        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        written[f"{step}/{reason}"] = target
+    return written
+
+
+def near_pairs(samples: Path, survivors: Path, n: int = 5) -> list[dict]:
+    """Removed near-duplicates next to the document kept from the same MinHash cluster."""
+    removed = {}
+    for f in sorted((samples / "near_dedup").glob("*/*.jsonl")):
+        for line in f.read_text("utf-8").splitlines():
+            doc = json.loads(line)
+            removed.setdefault(doc["metadata"].get("minhash_cluster_id", -1), doc)
+    removed.pop(-1, None)
+    wanted = dict(list(removed.items())[:n])
+    pairs = []
+    for doc in iter_rank_files(survivors):
+        cluster = doc["metadata"].get("minhash_cluster_id", -1)
+        if cluster in wanted:
+            pairs.append({"kept": doc["text"], "removed": wanted.pop(cluster)["text"]})
+    return pairs
+
+
+def task_overlap(task: Path) -> dict[str, int]:
+    """Task train texts that duplicate a dev/test text, exactly or nearly (the split leaks if these are many)."""
+    held_out = [ex["text"] for split in ("dev", "test") for ex in read_jsonl(task / f"{split}.jsonl")]
+    index = Decontaminate(held_out, [], ngram=0)
+    counts = Counter(index.reason(ex["text"]) for ex in read_jsonl(task / "train.jsonl"))
+    return {"train_exact_in_dev_test": counts["exact"], "train_near_in_dev_test": counts["near"]}
+
+
+def _excerpt(text: str, n: int = 300) -> str:
+    text = " ".join(text.split())
+    return (text[:n] + " ...") if len(text) > n else text
+
+
+def report(metrics: dict, pairs: list[dict], sample_files: dict[str, Path]) -> str:
+    d = metrics["domain"]
+    lines = ["# Cleaning report", "",
+             f"Domain: {d['input_docs']:,} documents in ({d['input_mb']:.1f} MB), {d['kept']:,} kept "
+             f"({metrics['domain_train_docs']:,} train, {metrics['domain_valid_docs']:,} validation). "
+             f"General: {metrics['general']['input_docs']:,} in, {metrics['general_valid_docs']:,} used.", "",
+             "## Drops by step and reason (domain, in pipeline order)", "",
+             "| step | reason | documents | sample |", "|---|---|---|---|"]
+    for step, reasons in d["dropped"].items():
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            sample = sample_files.get(f"{step}/{reason}")
+            lines.append(f"| {step} | {reason} | {n:,} | {sample.name if sample else ''} |")
+    overlap = metrics["task_overlap"]
+    lines += ["", "## Decontamination", "",
+              "Domain documents dropped because they overlap the task's dev/test texts: "
+              + ", ".join(f"{r.removeprefix('contaminated_')} {n:,}"
+                          for r, n in d["dropped"].get("decontaminate", {}).items()) + ".",
+              f"Inside the task, train texts that duplicate a dev/test text: exact "
+              f"{overlap['train_exact_in_dev_test']:,}, near (5-gram Jaccard >= 0.8) "
+              f"{overlap['train_near_in_dev_test']:,}.", "",
+              "## Near-duplicates removed (MinHash LSH), with the document kept from each cluster", ""]
+    for i, pair in enumerate(pairs, 1):
+        lines += [f"{i}. kept: {_excerpt(pair['kept'])}", f"   removed: {_excerpt(pair['removed'])}", ""]
+    if not pairs:
+        lines.append("None found.")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
+def corpus_size(source: Path) -> tuple[int, float]:
+    folder, glob = shards(source)
+    files = sorted(Path(folder).glob(glob))
+    docs = 0
+    for f in files:
+        with f.open("rb") as fh:
+            docs += sum(1 for _ in fh)
+    return docs, sum(f.stat().st_size for f in files) / 1e6
+
+
 def run(p: CleanParams, paths: Paths) -> None:
-    """Clean domain and general text, write the splits and per-reason counts."""
+    """Clean domain and general text, write the splits, per-reason counts, samples and the report."""
     with tracking.stage_run("clean", p):
-        filters = [MinWords(p.min_words), MaxWords(p.max_words)]
-        raw_domain = read_jsonl(paths.raw_domain)
-        contamination = NO_CONTAMINATION
-        if p.decontaminate:
-            held_out = [ex["text"] for split in ("dev", "test") for ex in read_jsonl(paths.task / f"{split}.jsonl")]
-            contamination = Contamination.of(held_out, p.decontaminate_ngram, (d["text"] for d in raw_domain),
-                                             p.decontaminate_max_df)
-
-        domain_counts: Counter = Counter()
-        domain = clean_docs(raw_domain, filters, contamination, domain_counts)
-        train, valid = split_domain(domain, p.valid_fraction, p.max_valid_docs)
-        general_counts: Counter = Counter()
-        general = clean_docs(read_jsonl(paths.raw_general), filters, NO_CONTAMINATION, general_counts)
-        general = sorted(general, key=lambda d: d["fp"])[: p.general_max_docs]
-        for name, docs, counts in (("domain train", train, domain_counts), ("domain validation", valid, domain_counts),
-                                   ("general", general, general_counts)):
-            if not docs:
-                raise ValueError(f"clean: {name} text is empty after filtering; drops by reason: {dict(counts)}")
-
-        write_jsonl(paths.domain_train, strip_fp(train))
-        write_jsonl(paths.domain_valid, strip_fp(valid))
-        write_jsonl(paths.general_valid, strip_fp(general))
-        metrics = {
-            "domain": dict(domain_counts),
-            "general": dict(general_counts),
-            "domain_train_docs": len(train),
-            "domain_valid_docs": len(valid),
-            "general_valid_docs": len(general),
-            "domain_train_words": sum(len(d["text"].split()) for d in train),
-        }
+        out_dir = paths.reports / "clean"
+        parent = Path(p.work_dir) if p.work_dir else paths.domain_train.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".clean-", dir=parent))
+        try:
+            context = {"eval_texts": [ex["text"] for s in ("dev", "test") for ex in read_jsonl(paths.task / f"{s}.jsonl")],
+                       "train_texts": [ex["text"] for ex in read_jsonl(paths.task / "train.jsonl")]}
+            samples = work / "samples"
+            domain_out, domain_stats, _ = filter_and_dedup(p, paths.raw_domain, work / "domain", samples, context, True)
+            general_out, general_stats, _ = filter_and_dedup(p, paths.raw_general, work / "general", None, context,
+                                                          False, skip=("decontaminate",))
+            metrics: dict[str, Any] = {}
+            for name, source, stats in (("domain", paths.raw_domain, domain_stats),
+                                        ("general", paths.raw_general, general_stats)):
+                docs, mb = corpus_size(source)
+                dropped = drops(stats)
+                kept = docs - sum(n for reasons in dropped.values() for n in reasons.values())
+                metrics[name] = {"input_docs": docs, "input_mb": round(mb, 2), "kept": kept, "dropped": dropped}
+                if kept == 0:
+                    raise ValueError(f"clean: no {name} text survives the filters ({source}); drops by step and "
+                                     f"reason: {dropped}. Loosen the thresholds in params.yaml clean.steps")
+            metrics.update(write_split(domain_out, p, paths.domain_train, paths.domain_valid))
+            metrics["general_valid_docs"] = pick_general(general_out, p.general_max_docs, paths.general_valid)
+            for key in ("domain_train_docs", "domain_valid_docs"):
+                if not metrics.get(key):
+                    raise ValueError(f"clean: {key} is 0; the domain corpus is too small after cleaning "
+                                     f"({metrics['domain']['kept']} documents kept)")
+            metrics["task_overlap"] = task_overlap(paths.task)
+            with atomic_path(out_dir) as tmp:
+                tmp.mkdir(parents=True)
+                sample_files = gather_samples(samples, tmp, p.dropped_samples)
+                pairs = near_pairs(samples, domain_out)
+                (tmp / "near_duplicates.jsonl").write_text(
+                    "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs), encoding="utf-8")
+                (tmp / "report.md").write_text(report(metrics, pairs, sample_files), encoding="utf-8")
+                sample_files = {k: out_dir / v.name for k, v in sample_files.items()}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         write_json(paths.metrics / "clean.json", metrics)
         tracking.log_metrics(metrics)
-        log.info("clean: %s", metrics)
+        mlflow.log_artifacts(str(out_dir), artifact_path="clean")
+        log.info("clean: %s", json.dumps(metrics))
 
 
 def main() -> None:

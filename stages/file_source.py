@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow
 
+from stages.common import log
+
 SUPPORTED = (".txt", ".jsonl", ".csv", ".parquet")
 TABULAR = (".jsonl", ".csv", ".parquet")  # formats with named columns, the only ones that can carry labels
 LINE_BASED = (".txt", ".jsonl")  # a record is a line, so errors and ids give line numbers; else data rows
@@ -108,7 +110,8 @@ def input_files(path: Path) -> list[Path]:
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+    # not `is_file()` alone: a broken link must fail loudly below, not vanish from the corpus
+    files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in SUPPORTED)
     if not files:
         raise ValueError(f"{path}: directory has no {', '.join(SUPPORTED)} files")
     return files
@@ -151,15 +154,21 @@ def _read(path: Path, text_column: str, label_column: str | None) -> list[dict]:
             raise ValueError(f"{file}: labelled examples need named columns; use one of {', '.join(TABULAR)}")
         name = file.relative_to(root).as_posix()
         line_based = file.suffix.lower() in LINE_BASED
-        for n, record in _records(file, columns):
-            where = f"{file}:{n}" if line_based else f"{file} row {n}"
-            text = _text(record, text_column, where)
-            if not text.strip():
-                continue
-            doc = {"id": f"{name}:{n}", "text": text.strip()}
-            if label_column:
-                doc["label"] = _label(record, label_column, where)
-            docs.append(doc)
+        before = len(docs)
+        try:
+            for n, record in _records(file, columns):
+                where = f"{file}:{n}" if line_based else f"{file} row {n}"
+                text = _text(record, text_column, where)
+                if not text.strip():
+                    continue
+                doc = {"id": f"{name}:{n}", "text": text.strip()}
+                if label_column:
+                    doc["label"] = _label(record, label_column, where)
+                docs.append(doc)
+        except OSError as e:  # unreadable: permissions, a broken link, an I/O error
+            raise ValueError(f"{file}: cannot read: {e.strerror or e}") from e
+        if len(docs) == before:
+            log.warning("%s: no documents (empty file); skipped", file)
     if not docs:
         raise ValueError(f"{path}: no documents (every text was empty)")
     return docs

@@ -61,6 +61,7 @@ class IngestParams(Section):
     seed: int = 0
     max_domain_docs: int | None = Field(default=None, ge=1)
     max_general_docs: int | None = Field(default=None, ge=1)
+    shard_docs: int = Field(default=10_000, ge=1)
     demo: DemoParams | None = None
     files: FilesParams = FilesParams()
 
@@ -166,6 +167,14 @@ def snapshot_model(name: str, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def write_shards(folder: Path, docs: list[dict], per_shard: int) -> None:
+    """The domain corpus as numbered JSONL shards: `clean` processes shards in parallel."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for i in range(0, max(len(docs), 1), per_shard):
+            write_jsonl(tmp / f"{i // per_shard:05d}.jsonl", docs[i:i + per_shard])
+
+
 def run(p: IngestParams, paths: Paths) -> None:
     """Materialise all inputs and write counts to `metrics/ingest.json`."""
     with tracking.stage_run("ingest", p):
@@ -174,7 +183,7 @@ def run(p: IngestParams, paths: Paths) -> None:
         general = sample(general, p.max_general_docs, p.seed)
         check_task(splits)
 
-        write_jsonl(paths.raw_domain, domain)
+        write_shards(paths.raw_domain, domain, p.shard_docs)
         write_jsonl(paths.raw_general, general)
         with atomic_path(paths.task) as tmp:
             for split in SPLITS:

@@ -86,7 +86,7 @@ def project(tmp_path, monkeypatch) -> Paths:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DAPT_MLFLOW_PARENT_RUN_ID", raising=False)
-    return Paths(raw_domain=Path("data/raw/domain.jsonl"), raw_general=Path("data/raw/general.jsonl"),
+    return Paths(raw_domain=Path("data/raw/domain"), raw_general=Path("data/raw/general.jsonl"),
                  task=Path("data/task"), domain_train=Path("data/clean/domain_train.jsonl"),
                  domain_valid=Path("data/clean/domain_valid.jsonl"), general_valid=Path("data/clean/general_valid.jsonl"),
                  models=Path("models"), finetune=Path("results/finetune"), reports=Path("reports"),

@@ -180,3 +180,17 @@ def test_file_that_is_not_parquet(tmp_path: Path) -> None:
     path = write(tmp_path / "t.parquet", "plain text")
     with pytest.raises(ValueError, match=r"t.parquet: cannot read as Parquet"):
         fs.read_documents(path)
+
+
+def test_unreadable_and_empty_files(tmp_path, caplog):
+    from stages.file_source import read_documents
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "good.txt").write_text("a domain line\n")
+    (tmp_path / "corpus" / "empty.txt").write_text("")
+    with caplog.at_level("WARNING"):
+        assert [d["text"] for d in read_documents(tmp_path / "corpus")] == ["a domain line"]
+    assert "empty.txt: no documents (empty file); skipped" in caplog.text
+    (tmp_path / "corpus" / "broken.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="broken.txt: cannot read: No such file or directory"):
+        read_documents(tmp_path / "corpus")

@@ -51,7 +51,8 @@ def test_files_source_end_to_end(project, tiny_bert, tmp_path):
                         dev=src / "dev.jsonl", test=src / "test.jsonl", text_column="body", label_column="y")
     run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
 
-    domain = [json.loads(line)["text"] for line in project.raw_domain.read_text().splitlines()]
+    domain = [json.loads(line)["text"] for f in sorted(project.raw_domain.glob("*.jsonl"))
+              for line in f.read_text().splitlines()]
     assert domain == ["first domain line", "second domain line", "third domain doc"]
     assert json.loads((project.metrics / "ingest.json").read_text())["task_labels"] == 2
     assert [json.loads(line)["label"] for line in (project.task / "test.jsonl").read_text().splitlines()] == \

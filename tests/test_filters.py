@@ -1,0 +1,104 @@
+"""Cleaning blocks: each drop reason on one-line inputs, each normaliser on what it must fix, the registry."""
+
+import pickle
+
+import pytest
+from datatrove.data import Document
+
+from stages.filters import Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, SizeFilter, \
+    StripMarkup, build_steps, check_steps, fingerprint
+
+
+def doc(text: str) -> Document:
+    return Document(text=text, id="x")
+
+
+def test_normalise_fixes_mojibake_unicode_forms_controls_and_spacing():
+    n = Normalise()
+    assert n.format("The licensorâ€™s rights") == "The licensor's rights"  # UTF-8 read as cp1252, fixed by ftfy
+    assert n.format("cafe\u0301") == "caf\u00e9"  # NFC
+    assert n.format("  a\u00a0 b\t\tc \x07\r\n\r\n\r\n\r\nd  ") == "a b c\n\nd"
+    assert n.format("AT&amp;T") == "AT&T"  # an ASCII text with an HTML entity still goes through ftfy
+    assert n.format("lone \udc80 surrogate") == "lone \ufffd surrogate"  # cannot be written as UTF-8 otherwise
+    assert Normalise(form="NFKC").format("ﬁle") == "file"
+    with pytest.raises(ValueError, match="NFC or NFKC"):
+        Normalise(form="NFD")
+
+
+def test_markup_is_stripped_only_where_present():
+    m = StripMarkup()
+    html = "<html><body><h1>MIT License</h1><p>Permission is <b>hereby</b> granted.</p><script>x()</script></body>"
+    out = m.format(html)
+    assert "MIT License" in out and "Permission is hereby granted." in out and "<" not in out and "x()" not in out
+    assert m.format("'''GPL''' is a [[copyleft]] licence.") == "GPL is a copyleft licence."
+    plain = "Copyright <year> <name of author>. Replace the <fields> above."
+    assert m.format(plain) == plain  # angle-bracket placeholders are licence text, not HTML
+
+
+def test_boilerplate_removes_whole_matching_lines_only():
+    b = Boilerplate(["share( this)?", "we use cookies.*"])
+    assert b.format("Share\nThe licensee may share the software.\nWe use cookies to track you") == \
+        "The licensee may share the software."
+
+
+@pytest.mark.parametrize("text,reason", [("", "empty"), ("   \n ", "empty"), ("x" * 101, "too_large")])
+def test_size_filter_reasons(text, reason):
+    assert SizeFilter(max_chars=100).filter(doc(text)) == (False, reason)
+
+
+def test_length_filter_reasons():
+    f = LengthFilter(min_words=3, max_words=5)
+    assert f.filter(doc("one two")) == (False, "too_short")
+    assert f.filter(doc("a b c d e f")) == (False, "too_long")
+    assert f.filter(doc("one two three")) is True
+    with pytest.raises(ValueError, match="min_words \\(9\\) exceeds max_words \\(3\\)"):
+        LengthFilter(min_words=9, max_words=3)
+
+
+def test_language_filter_uses_the_packaged_model():
+    f = LanguageIDFilter(["en"], threshold=0.65)
+    english = doc("Permission is hereby granted, free of charge, to any person obtaining a copy of this software.")
+    assert f.filter(english) is True and english.metadata["language"] == "en"
+    german = doc("Hiermit wird unentgeltlich jeder Person, die eine Kopie der Software erhält, die Erlaubnis erteilt.")
+    assert f.filter(german) == (False, "not_en") and german.metadata["language"] == "de"
+
+
+def test_decontamination_reasons():
+    test_text = ("the licensee shall not use the name of the licensor to endorse or promote products derived from "
+                 "this software without specific prior written permission of the licensor. the licensee may copy "
+                 "and distribute verbatim copies of the program source code as received, in any medium, provided "
+                 "that each copy carries an appropriate copyright notice and a disclaimer of warranty.")
+    boiler = "provided as is without warranty of any kind express or implied including but not limited to the"
+    d = Decontaminate([test_text, f"{boiler} warranties of merchantability"], train_texts=[f"{boiler} fitness"],
+                      ngram=13, near_threshold=0.8)
+    assert d.filter(doc(test_text.upper().replace(" ", "  "))) == (False, "contaminated_exact")
+    near = test_text.replace("verbatim", "exact")  # one word changed
+    assert d.filter(doc(near)) == (False, "contaminated_near")
+    embeds = "Preamble. " * 50 + " ".join(test_text.split()[:14]) + " and much more text of another licence " * 20
+    assert d.filter(doc(embeds)) == (False, "contaminated_ngram")
+    # 13 words that the task's training texts share are boilerplate, not leakage
+    assert d.filter(doc(f"intro words here {boiler} something else entirely different")) is True
+    # the index is rebuilt after pickling (Python's hash is salted per process)
+    assert pickle.loads(pickle.dumps(d)).filter(doc(near)) == (False, "contaminated_near")
+
+
+def test_fingerprint_ignores_case_and_spacing():
+    assert fingerprint("The  Licensor\nshall") == fingerprint("the licensor shall")
+    assert fingerprint("the licensor") != fingerprint("the licensee")
+
+
+def test_steps_are_built_in_params_order_and_can_be_switched_off(tmp_path):
+    steps = {"size": {"max_chars": 10}, "length": {"min_words": 1, "enabled": False}, "normalise": None}
+    blocks = build_steps(steps, {}, tmp_path, 5)
+    assert [b.name for b in blocks] == ["size", "normalise"]
+    assert blocks[0].exclusion_writer is not None and blocks[0].stats.name == "size"
+
+
+@pytest.mark.parametrize("steps,message", [
+    ({"lenght": {}}, "clean.steps.lenght: unknown step"),
+    ({"length": {"min_wrods": 3}}, "clean.steps.length: .*unexpected keyword argument 'min_wrods'"),
+    ({"gopher_quality": {"min_doc_word": 3}}, "clean.steps.gopher_quality: .*min_doc_word"),
+])
+def test_bad_step_params_name_the_key(steps, message):
+    with pytest.raises(ValueError, match=message):
+        check_steps(steps)
