@@ -124,14 +124,18 @@ def step_stats(logs: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+# datatrove's dedup filters drop without a reason; these name them
+UNNAMED = {"exact_dedup": "duplicate", "near_dedup": "near_duplicate"}
+
+
 def drops(stats: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """{step: {reason: count}} from datatrove's `dropped_<reason>` counters (`dropped` = no reason given)."""
+    """{step: {reason: count}} from datatrove's `dropped_<reason>` counters."""
     out = {}
     for name, counters in stats.items():
         reasons = {k.removeprefix("dropped_"): v for k, v in counters.items() if k.startswith("dropped_")}
         unnamed = counters.get("dropped", 0) - sum(reasons.values())
         if unnamed > 0:
-            reasons["dropped"] = unnamed
+            reasons[UNNAMED.get(name, "dropped")] = unnamed
         if reasons:
             out[name] = reasons
     return out
@@ -206,8 +210,8 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
     current = "filtered"
     if dedup and p.exact_dedup:
         phase("exact_find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1)
-        drop = ExactDedupFilter(str(work / "exact_dups"), exact, DropSampleWriter(samples / "exact_dedup",
-                                                                                  p.dropped_samples))
+        drop = ExactDedupFilter(str(work / "exact_dups"), exact, DropSampleWriter(samples / "exact_dedup", p.dropped_samples,
+                                                                                  UNNAMED["exact_dedup"]))
         named(drop, "exact_dedup")
         if not phase("exact_filter", [JsonlReader(str(work / current)), drop, write("exact")], output="exact"):
             return work / "exact", stats, seconds
@@ -223,7 +227,8 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
         for rank in range(tasks):
             # datatrove skips a task with no removals before it loads cluster ids: the report needs them
             (work / "mh_remove" / f"{rank:06d}.remove").touch()
-        drop = MinhashDedupFilter(str(work / "mh_remove"), DropSampleWriter(samples / "near_dedup", p.dropped_samples),
+        drop = MinhashDedupFilter(str(work / "mh_remove"), DropSampleWriter(samples / "near_dedup", p.dropped_samples,
+                                                                   UNNAMED["near_dedup"]),
                                   load_cluster_ids=True)
         named(drop, "near_dedup")
         phase("near_filter", [JsonlReader(str(work / current)), drop, write("near")], output="near")
@@ -298,6 +303,7 @@ def gather_samples(samples: Path, out: Path, per_reason: int) -> dict[str, Path]
         rows = [json.loads(line) for f in sorted(reason_dir.glob("*.jsonl"))
                 for line in f.read_text("utf-8").splitlines()][:per_reason]
         for row in rows:  # enough to judge the filter; a 1 MB "document" would bloat the repository
+            row.setdefault("text", "")  # datatrove's writer leaves out an empty text
             if len(row["text"]) > SAMPLE_CHARS:
                 row["metadata"]["chars"] = len(row["text"])
                 row["text"] = row["text"][:SAMPLE_CHARS] + " [...]"

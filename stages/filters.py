@@ -302,13 +302,13 @@ class DropSampleWriter(JsonlWriter):
     """Exclusion writer that keeps the first `per_reason` dropped documents of each reason (per task), in
     `<folder>/<reason>/<rank>.jsonl`: enough for a person to check what a filter drops, bounded on any corpus."""
 
-    def __init__(self, folder: str | Path, per_reason: int):
+    def __init__(self, folder: str | Path, per_reason: int, reason: str = "dropped"):
         super().__init__(str(folder), output_filename="${filter_reason}/${rank}.jsonl", compression=None)
-        self.per_reason = per_reason
+        self.per_reason, self.reason = per_reason, reason
         self._seen: dict[str, int] = {}
 
     def write(self, document: Document, rank: int = 0, **kwargs) -> None:
-        reason = document.metadata.setdefault("filter_reason", "dropped")
+        reason = document.metadata.setdefault("filter_reason", self.reason)
         self._seen[reason] = self._seen.get(reason, 0) + 1
         if self._seen[reason] <= self.per_reason:
             super().write(document, rank, **kwargs)

@@ -36,6 +36,7 @@ def make_project(project, extra_domain=()) -> None:
         {"id": "leak", "text": "The held out test NOTICE says  nothing else at all here"},
         {"id": "embeds", "text": "Preamble text first, then the held out test notice says nothing else at all, then more."},
         {"id": "huge", "text": "word " * 2000},
+        {"id": "blank", "text": "  "},
         *extra_domain,
     ]
     (project.raw_domain).mkdir(parents=True)
@@ -59,12 +60,12 @@ def test_stage_counts_reasons_removes_duplicates_and_leaks(project):
 
     metrics = json.loads((project.metrics / "clean.json").read_text())
     d = metrics["domain"]
-    assert d["input_docs"] == 66
+    assert d["input_docs"] == 67
     assert d["dropped"]["length"] == {"too_short": 1}
-    assert d["dropped"]["size"] == {"too_large": 1}
+    assert d["dropped"]["size"] == {"too_large": 1, "empty": 1}
     assert d["dropped"]["decontaminate"] == {"contaminated_exact": 1, "contaminated_ngram": 1}
-    assert d["dropped"]["exact_dedup"] == {"dropped": 1}
-    assert d["dropped"]["near_dedup"] == {"dropped": 1}
+    assert d["dropped"]["exact_dedup"] == {"duplicate": 1}
+    assert d["dropped"]["near_dedup"] == {"near_duplicate": 1}
     assert d["kept"] == 60 == metrics["domain_train_docs"] + metrics["domain_valid_docs"]
     assert metrics["general_valid_docs"] == 10
     train = project.domain_train.read_text() + project.domain_valid.read_text()
