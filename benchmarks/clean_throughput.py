@@ -29,14 +29,13 @@ def child(source: str, out: str) -> None:
     import os
 
     os.chdir(ROOT)
-    from stages.clean import CleanParams, filter_and_dedup
-    from stages.common import load_params, load_paths, read_jsonl
+    from stages.clean import CleanParams, filter_and_dedup, task_texts
+    from stages.common import load_params, load_paths
 
     paths = load_paths()
     p = load_params("clean", CleanParams)
     p = p.model_copy(update={"executor": p.executor.model_copy(update={"engine": "local", "workers": 1})})
-    context = {"eval_texts": [ex["text"] for s in ("dev", "test") for ex in read_jsonl(paths.task / f"{s}.jsonl")],
-               "train_texts": [ex["text"] for ex in read_jsonl(paths.task / "train.jsonl")]}
+    context = task_texts(paths.task)
     work = Path(tempfile.mkdtemp(prefix="clean-bench-"))
     try:
         _, stats, seconds = filter_and_dedup(p, Path(source), work / "domain", work / "samples", context, True)

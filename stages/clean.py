@@ -330,11 +330,16 @@ def near_pairs(samples: Path, survivors: Path, n: int = 5) -> list[dict]:
     return pairs
 
 
-def task_overlap(task: Path) -> dict[str, int]:
+def task_texts(task: Path) -> dict[str, list[str]]:
+    """What decontamination needs from the task: the evaluation (dev + test) texts and the train texts."""
+    return {"eval_texts": [ex["text"] for s in ("dev", "test") for ex in read_jsonl(task / f"{s}.jsonl")],
+            "train_texts": [ex["text"] for ex in read_jsonl(task / "train.jsonl")]}
+
+
+def task_overlap(texts: dict[str, list[str]]) -> dict[str, int]:
     """Task train texts that duplicate a dev/test text, exactly or nearly (the split leaks if these are many)."""
-    held_out = [ex["text"] for split in ("dev", "test") for ex in read_jsonl(task / f"{split}.jsonl")]
-    index = Decontaminate(held_out, [], ngram=0)
-    counts = Counter(index.reason(ex["text"]) for ex in read_jsonl(task / "train.jsonl"))
+    index = Decontaminate(texts["eval_texts"], [], ngram=0)
+    counts = Counter(index.reason(t) for t in texts["train_texts"])
     return {"train_exact_in_dev_test": counts["exact"], "train_near_in_dev_test": counts["near"]}
 
 
@@ -392,8 +397,7 @@ def run(p: CleanParams, paths: Paths) -> None:
         parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".clean-", dir=parent))
         try:
-            context = {"eval_texts": [ex["text"] for s in ("dev", "test") for ex in read_jsonl(paths.task / f"{s}.jsonl")],
-                       "train_texts": [ex["text"] for ex in read_jsonl(paths.task / "train.jsonl")]}
+            context = task_texts(paths.task)
             samples = work / "samples"
             domain_out, domain_stats, _ = filter_and_dedup(p, paths.raw_domain, work / "domain", samples, context, True)
             general_out, general_stats, _ = filter_and_dedup(p, paths.raw_general, work / "general", None, context,
@@ -414,7 +418,7 @@ def run(p: CleanParams, paths: Paths) -> None:
                 if not metrics.get(key):
                     raise ValueError(f"clean: {key} is 0; the domain corpus is too small after cleaning "
                                      f"({metrics['domain']['kept']} documents kept)")
-            metrics["task_overlap"] = task_overlap(paths.task)
+            metrics["task_overlap"] = task_overlap(context)
             with atomic_path(out_dir) as tmp:
                 tmp.mkdir(parents=True)
                 sample_files = gather_samples(samples, tmp, p.dropped_samples)
@@ -422,7 +426,6 @@ def run(p: CleanParams, paths: Paths) -> None:
                 (tmp / "near_duplicates.jsonl").write_text(
                     "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs), encoding="utf-8")
                 (tmp / "report.md").write_text(report(metrics, pairs, sample_files), encoding="utf-8")
-                sample_files = {k: out_dir / v.name for k, v in sample_files.items()}
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write_json(paths.metrics / "clean.json", metrics)
