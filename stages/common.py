@@ -46,20 +46,16 @@ class Paths(Section):
 
     # one convention, shared with dvc.yaml: a model variant lives at `<models>/<variant>`
     def model_dir(self, variant: str) -> Path:
-        """The model folder of a variant: general (the base snapshot), domain_init, domain."""
+        """The model folder of a variant: general (the base snapshot), domain, domain_novocab."""
         return self.models / variant
+
+    def init_dir(self, variant: str) -> Path:
+        """Where a pretrained variant starts: `<models>/<variant>_init`, written by adapt_tokenizer."""
+        return self.models / f"{variant}_init"
 
     @property
     def base_model(self) -> Path:
         return self.model_dir("general")
-
-    @property
-    def domain_init(self) -> Path:
-        return self.model_dir("domain_init")
-
-    @property
-    def domain_model(self) -> Path:
-        return self.model_dir("domain")
 
 
 class ParamsError(ValueError):

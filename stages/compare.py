@@ -1,7 +1,7 @@
 """compare: did domain-adaptive pretraining help? General vs domain over seeds, with a TF-IDF reference.
 
 Reads every `finetune` run named in params (variants x seeds), reports mean +- std per variant, the paired
-per-seed difference domain - general, a TF-IDF + logistic-regression baseline trained on the same split,
+per-seed difference domain - general (and domain - domain_novocab: the vocabulary's share), a TF-IDF + logistic-regression baseline trained on the same split,
 and the pretraining and tokenizer numbers that explain the result. Writes `reports/comparison.md`,
 `reports/comparison.png` and `metrics/compare.json`.
 
@@ -10,6 +10,7 @@ Run: `dvc repro compare` (or `python -m stages.compare`).
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -113,10 +114,13 @@ def plot(summary: dict, runs: dict[str, dict[int, dict]], tfidf: dict[str, float
     plt.close(fig)
 
 
-def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> str:
-    """The markdown report: verdict first, then the table, then what explains it."""
+def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict], vocab: dict | None = None) -> str:
+    """The markdown report: verdict first, then the table, then what explains it.
+
+    `extra`: `pretrain_<variant>` and `adapt_tokenizer` metrics; `vocab`: domain - domain_novocab, when run.
+    """
     lines = [f"# General vs domain-adapted model\n", f"**{verdict(diff)}**\n"]
-    pre = extra.get("pretrain")
+    pre = extra.get("pretrain_domain")
     if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
         lines.append(f"Pretraining hit its step limit ({pre['steps']} steps) with domain validation loss still "
                      "falling: this measures a short adaptation, not a converged one.\n")
@@ -126,16 +130,22 @@ def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> st
         lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
     lines.append(f"| TF-IDF + LR (reference) | - | {tfidf['test_macro_f1']:.3f} | {tfidf['test_accuracy']:.3f} |")
     lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
-              "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", "",
-              "![comparison](comparison.png)", ""]
-    if pre:
+              "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", ""]
+    if vocab:
+        lines += [f"Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): macro-F1 "
+                  f"{vocab['mean']:+.3f} (95% CI {vocab['ci_low']:+.3f} to {vocab['ci_high']:+.3f}, paired t-test "
+                  f"p = {vocab['p_value']:.2f}, domain better in {vocab['wins']}/{vocab['n']} seeds).", ""]
+    lines += ["![comparison](comparison.png)", ""]
+    pretrained = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
+    if pretrained:
         lines += ["## Continued pretraining", "",
-                  f"Stopped after {pre['steps']} steps ({pre['stop_reason']}); best checkpoint at step "
-                  f"{pre['best_step']}; {pre['tokens_seen']:,} tokens seen in {pre['seconds']:.0f} s.", "",
-                  "| validation loss | start | best | end |", "|---|---|---|---|"]
-        for name in ("domain", "general"):
-            lines.append(f"| {name} | {pre[f'{name}_loss_start']:.3f} | {pre[f'{name}_loss_best']:.3f} | "
-                         f"{pre[f'{name}_loss_end']:.3f} |")
+                  "| variant | steps | stopped | best step | tokens seen | seconds | validation | loss start | best | end |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for v, m in pretrained.items():
+            for name in ("domain", "general"):
+                lines.append(f"| {v} | {m['steps']} | {m['stop_reason']} | {m['best_step']} | {m['tokens_seen']:,} | "
+                             f"{m['seconds']:.0f} | {name} | {m[f'{name}_loss_start']:.3f} | "
+                             f"{m[f'{name}_loss_best']:.3f} | {m[f'{name}_loss_end']:.3f} |")
         lines.append("")
     tok = extra.get("adapt_tokenizer")
     if tok:
@@ -146,6 +156,10 @@ def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict]) -> st
             lines.append(f"| {name} | {tok[f'{name}_tokens_per_word_before']:.3f} | {tok[f'{name}_tokens_per_word_after']:.3f}"
                          f" | {tok[f'{name}_split_3plus_before']:.1%} | {tok[f'{name}_split_3plus_after']:.1%} |")
         lines.append("")
+    new = extra.get("new_tokens")
+    if new:
+        lines += [f"The {min(len(new), 20)} new tokens that save the most (all in `new_tokens.tsv`): " + ", ".join(
+            f"`{r['token']}` ({int(r['frequency']):,}x, {r['base_pieces']} pieces before)" for r in new[:20]) + ".", ""]
     return "\n".join(lines)
 
 
@@ -162,11 +176,17 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
         tfidf = tfidf_baseline(task["train"], task["test"], p)
         diff = paired_difference(runs, "domain", "general", "test_macro_f1") if {"domain", "general"} <= set(runs) \
             else paired_difference({"domain": {}, "general": {}}, "domain", "general", "test_macro_f1")
+        vocab = paired_difference(runs, "domain", "domain_novocab", "test_macro_f1") \
+            if {"domain", "domain_novocab"} <= set(runs) else None
+        names = ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
         extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
-                 for name in ("pretrain", "adapt_tokenizer") if (paths.metrics / f"{name}.json").exists()}
+                 for name in names if (paths.metrics / f"{name}.json").exists()}
+        if (paths.reports / "new_tokens.tsv").exists():
+            extra["new_tokens"] = list(csv.DictReader((paths.reports / "new_tokens.tsv").open(encoding="utf-8"),
+                                                      delimiter="\t"))
 
         plot(summary, runs, tfidf, paths.reports / "comparison.png")
-        text = report(summary, diff, tfidf, extra)
+        text = report(summary, diff, tfidf, extra, vocab)
         write_text(paths.reports / "comparison.md", text)
         metrics = {
             **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in METRICS
@@ -176,6 +196,8 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
             "domain_minus_general_macro_f1_std": diff["std"],
             "domain_minus_general_p_value": diff["p_value"],
             "domain_wins": diff["wins"],
+            **({"domain_minus_novocab_macro_f1_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
+               if vocab else {}),
             "seeds": len(fp.seeds),
         }
         write_json(paths.metrics / "compare.json", metrics)

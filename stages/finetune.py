@@ -1,4 +1,4 @@
-"""finetune: fine-tune one variant (general or domain) with one seed on the downstream task.
+"""finetune: fine-tune one variant (general, domain or domain_novocab) with one seed on the downstream task.
 
 Every variant gets identical settings; only the starting model differs. Model selection on the dev set
 (macro-F1, evaluated each epoch), the test set scored once at the end. Writes metrics and predictions to
@@ -32,7 +32,7 @@ from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
     write_json, write_jsonl
 
-Variant = Literal["general", "domain"]
+Variant = Literal["general", "domain", "domain_novocab"]
 
 
 class TrainingParams(Section):
@@ -196,7 +196,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
 def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", required=True, choices=["general", "domain"])
+    parser.add_argument("--variant", required=True, choices=["general", "domain", "domain_novocab"])
     parser.add_argument("--seed", required=True, type=int)
     args = parser.parse_args()
     run(load_params("finetune", FinetuneParams), load_paths(), args.variant, args.seed)

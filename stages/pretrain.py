@@ -10,13 +10,19 @@ encoder frozen. Then every `eval_steps` the model is scored on held-out domain t
 (masks fixed once, so evaluations are comparable). Training stops when domain loss has not improved by
 `min_delta` for `patience` evaluations, or when general loss rises more than `max_general_degradation`
 above its best so far (over-specialisation). The best evaluation that respects the general constraint is
-saved to `paths.domain_model`; the first evaluation (before any DAPT step) always qualifies.
+saved to `models/<variant>`; the first evaluation (before any DAPT step) always qualifies.
 
-Run: `dvc repro pretrain` (or `python -m stages.pretrain`).
+Variants (`pretrain.variants`): `domain` starts from the adapted tokenizer and embeddings
+(`models/domain_init`), `domain_novocab` from the base vocabulary with the same MLM head
+(`models/domain_novocab_init`): the same recipe on both separates the gain from new vocabulary from the gain
+from continued pretraining.
+
+Run: `dvc repro pretrain` (every variant) or `python -m stages.pretrain --variant domain`.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import math
@@ -25,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import torch
@@ -39,7 +46,11 @@ from stages.common import Paths, Section, atomic_path, load_params, load_paths, 
     setup_logging, write_json, write_text
 
 
+PretrainVariant = Literal["domain", "domain_novocab"]
+
+
 class PretrainParams(Section):
+    variants: list[PretrainVariant] = Field(min_length=1)
     seed: int = 0
     max_seq_length: int = Field(ge=16, le=8192)
     mlm_probability: float = Field(gt=0, lt=1)
@@ -235,15 +246,16 @@ def curve_csv(history: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run(p: PretrainParams, paths: Paths) -> None:
-    """Continued MLM pretraining from `paths.domain_init` to `paths.domain_model`."""
-    with tracking.stage_run("pretrain", p):
+def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
+    """Continued MLM pretraining of `variant`, from `models/<variant>_init` to `models/<variant>`."""
+    start = paths.init_dir(variant)
+    with tracking.stage_run("pretrain", p, run_name=f"pretrain-{variant}", tags={"variant": variant}):
         # seed
         set_seed(p.seed)
         started = time.time()
 
         # data
-        tok = AutoTokenizer.from_pretrained(paths.domain_init)
+        tok = AutoTokenizer.from_pretrained(start)
         train_blocks = pack(tok, [d["text"] for d in read_jsonl(paths.domain_train)], p.max_seq_length)
         eval_collator = make_collator(tok, p, seed=p.seed)
         eval_sets = {
@@ -255,7 +267,7 @@ def run(p: PretrainParams, paths: Paths) -> None:
         log.info("pretrain: %d training blocks of %d tokens", len(train_blocks), p.max_seq_length)
 
         # model
-        model = SparseMLM(AutoModelForMaskedLM.from_pretrained(paths.domain_init))
+        model = SparseMLM(AutoModelForMaskedLM.from_pretrained(start))
         collator = make_collator(tok, p)
         scratch = Path(tempfile.mkdtemp(prefix="pretrain-"))
 
@@ -283,7 +295,7 @@ def run(p: PretrainParams, paths: Paths) -> None:
         trainer.train()
 
         # save: the best admissible checkpoint becomes the output in one step, so a crash leaves none
-        with atomic_path(paths.domain_model) as tmp:
+        with atomic_path(paths.model_dir(variant)) as tmp:
             shutil.move(scratch / "best", tmp)
         shutil.rmtree(scratch, ignore_errors=True)
         first, best, last = stopping.history[0], stopping.best, stopping.history[-1]
@@ -298,17 +310,19 @@ def run(p: PretrainParams, paths: Paths) -> None:
             **{f"{k}_best": v for k, v in best.items() if k != "step"},
             **{f"{k}_end": v for k, v in last.items() if k != "step"},
         }
-        write_json(paths.metrics / "pretrain.json", metrics)
-        write_text(paths.metrics / "pretrain_curve.csv", curve_csv(stopping.history))
+        write_json(paths.metrics / f"pretrain_{variant}.json", metrics)
+        write_text(paths.metrics / f"pretrain_{variant}_curve.csv", curve_csv(stopping.history))
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "stop_reason"})
         mlflow.set_tag("stop_reason", stopping.stop_reason)
-        mlflow.log_artifact(str(paths.metrics / "pretrain_curve.csv"))
+        mlflow.log_artifact(str(paths.metrics / f"pretrain_{variant}_curve.csv"))
         log.info("pretrain: %s", metrics)
 
 
 def main() -> None:
     setup_logging()
-    run(load_params("pretrain", PretrainParams), load_paths())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="domain", choices=["domain", "domain_novocab"])
+    run(load_params("pretrain", PretrainParams), load_paths(), parser.parse_args().variant)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,21 @@ def bpe_tokenizer(texts: list[str] = CORPUS, vocab_size: int = 400) -> PreTraine
                                    pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
 
 
+def modernbert_tokenizer(texts: list[str] = CORPUS, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A ModernBERT-style byte-level BPE tokenizer ([CLS] ... [SEP], GPT-NeoX/OLMo pre-tokenizer) trained on `texts`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    special = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=130)
 

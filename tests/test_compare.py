@@ -48,17 +48,20 @@ def test_stage_report_metrics_and_plot(project):
             {"text": "gnu general public licence copyleft", "label": "copyleft"}] * 5
     for split in ("train", "test"):
         write_jsonl(project.task / f"{split}.jsonl", rows)
-    for v, scores in (("general", [0.5, 0.6]), ("domain", [0.7, 0.8])):
+    for v, scores in (("general", [0.5, 0.6]), ("domain", [0.7, 0.8]), ("domain_novocab", [0.65, 0.7])):
         for seed, f in enumerate(scores):
             out = project.finetune / f"{v}-{seed}"
             out.mkdir(parents=True)
             (out / "metrics.json").write_text(json.dumps({"test_macro_f1": f, "test_accuracy": f + 0.1}))
-    fp = FinetuneParams(variants=["general", "domain"], seeds=[0, 1], training=TrainingParams(
+    fp = FinetuneParams(variants=["general", "domain", "domain_novocab"], seeds=[0, 1], training=TrainingParams(
         learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=8, warmup_ratio=0, weight_decay=0))
     (project.metrics).mkdir()
-    (project.metrics / "pretrain.json").write_text(json.dumps({
+    (project.metrics / "pretrain_domain.json").write_text(json.dumps({
         "stop_reason": "max_steps", "steps": 150, "best_step": 150, "tokens_seen": 1000, "seconds": 9.0,
         **{f"{s}_loss_{w}": 5.0 for s in ("domain", "general") for w in ("start", "best", "end")}}))
+    (project.reports).mkdir()
+    (project.reports / "new_tokens.tsv").write_text("token\tfrequency\tbase_pieces\ttokens_saved\n"
+                                                    "licensor\t1270\t3\t2540\n")
     run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0), fp, project)
     report = (project.reports / "comparison.md").read_text()
     assert "Pretraining hit its step limit (150 steps) with domain validation loss still falling" in report
@@ -66,6 +69,11 @@ def test_stage_report_metrics_and_plot(project):
     assert report.splitlines()[2].startswith("**The domain-adapted model is significantly better: domain - general "
                                              "macro-F1 = +0.200")
     assert "| general | 2 | 0.550 +- 0.071 |" in report
+    assert "Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): macro-F1 +0.075" \
+        in report
+    assert "`licensor` (1,270x, 3 pieces before)" in report
+    assert "| domain | 150 | max_steps | 150 | 1,000 | 9 | general | 5.000 |" in report
     metrics = json.loads((project.metrics / "compare.json").read_text())
-    assert metrics["domain_macro_f1_mean"] == pytest.approx(0.75) and metrics["tfidf_macro_f1"] == 1.0
+    assert metrics["domain_macro_f1_mean"] == pytest.approx(0.75) and \
+        metrics["domain_minus_novocab_macro_f1_mean"] == pytest.approx(0.075) and metrics["tfidf_macro_f1"] == 1.0
     assert (project.reports / "comparison.png").read_bytes()[:4] == b"\x89PNG"

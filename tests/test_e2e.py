@@ -10,8 +10,12 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 
-from tests.smoke import SMOKE_PARAMS, make_workspace
+from tests.smoke import ROOT, SMOKE_PARAMS, make_workspace
+
+_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+VARIANTS, PRETRAINED = _PARAMS["finetune"]["variants"], _PARAMS["pretrain"]["variants"]
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +41,9 @@ def finished(tmp_path_factory):
 def test_outputs(finished):
     ws, stages = finished
     seeds = SMOKE_PARAMS["finetune"]["seeds"]
-    assert stages[0] == "ingest" and stages[-1] == "compare" and len(stages) == 5 + 2 * len(seeds)
-    for variant in ("general", "domain"):
+    assert stages[0] == "ingest" and stages[-1] == "compare"
+    assert len(stages) == 4 + len(PRETRAINED) + len(VARIANTS) * len(seeds)
+    for variant in VARIANTS:
         for seed in seeds:
             m = json.loads((ws / "results/finetune" / f"{variant}-{seed}" / "metrics.json").read_text())
             assert 0 <= m["test_macro_f1"] <= 1 and m["variant"] == variant and m["seed"] == seed
@@ -47,8 +52,11 @@ def test_outputs(finished):
     report = (ws / "reports/comparison.md").read_text()
     assert report.startswith("# General vs domain-adapted model") and "| TF-IDF + LR (reference) |" in report
     assert (ws / "reports/comparison.png").stat().st_size > 1000
-    pretrain = json.loads((ws / "metrics/pretrain.json").read_text())
-    assert pretrain["stop_reason"] in {"max_steps", "patience", "general_degradation"}
+    for variant in PRETRAINED:
+        pretrain = json.loads((ws / f"metrics/pretrain_{variant}.json").read_text())
+        assert pretrain["stop_reason"] in {"max_steps", "patience", "general_degradation"}
+        assert (ws / "models" / variant / "config.json").exists()
+    assert "Gain from the new vocabulary (domain - domain_novocab" in report
     assert json.loads((ws / "metrics/adapt_tokenizer.json").read_text())["new_tokens"] > 0
     assert (ws / "models/domain/config.json").exists() and (ws / "models/general/config.json").exists()
 
@@ -66,8 +74,10 @@ def test_mlflow_runs_are_children_of_the_flow_run(finished):
     assert {r.data.tags["stage"] for r in children} == {s.split("@")[0] for s in stages}
     finetune = {(r.data.tags["variant"], int(r.data.tags["seed"])) for r in children
                 if r.data.tags["stage"] == "finetune"}
-    assert finetune == {(v, s) for v in ("general", "domain") for s in SMOKE_PARAMS["finetune"]["seeds"]}
-    pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain")
+    assert finetune == {(v, s) for v in VARIANTS for s in SMOKE_PARAMS["finetune"]["seeds"]}
+    assert {r.data.tags["variant"] for r in children if r.data.tags["stage"] == "pretrain"} == set(PRETRAINED)
+    pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain"
+                    and r.data.tags["variant"] == "domain")
     assert pretrain.data.params["max_steps"] == str(SMOKE_PARAMS["pretrain"]["max_steps"])
     assert "mlflow.source.git.commit" in pretrain.data.tags and "data.data/clean/domain_train.jsonl" in pretrain.data.tags
     history = mlflow.MlflowClient().get_metric_history(pretrain.info.run_id, "eval_domain_loss")

@@ -17,12 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_stage_order_follows_dvc_graph():
     order = flow_module.stage_order(ROOT)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]
-    runs = {f"finetune@{v}-{s}" for v in params["variants"] for s in params["seeds"]}
-    assert set(order) == {"ingest", "clean", "adapt_tokenizer", "pretrain", "compare"} | runs
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    runs = {f"finetune@{v}-{s}" for v in params["finetune"]["variants"] for s in params["finetune"]["seeds"]}
+    pretrain = {f"pretrain@{v}" for v in params["pretrain"]["variants"]}
+    assert set(order) == {"ingest", "clean", "adapt_tokenizer", "compare"} | pretrain | runs
     pos = order.index
-    assert pos("ingest") < pos("clean") < pos("adapt_tokenizer") < pos("pretrain")
-    assert all(pos("pretrain") < pos(r) < pos("compare") for r in runs if "@domain" in r)
+    assert pos("ingest") < pos("clean") < pos("adapt_tokenizer") < min(map(pos, pretrain))
+    assert all(pos(f"pretrain@{r.split('@')[1].rsplit('-', 1)[0]}") < pos(r) < pos("compare")
+               for r in runs if "@domain" in r)
     assert order[-1] == "compare"
 
 

@@ -12,8 +12,8 @@ from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fi
     pack, run
 from tests.conftest import CORPUS, write_jsonl
 
-P = PretrainParams(max_seq_length=16, mlm_probability=0.15, mask_replace_prob=0.8, random_replace_prob=0.1,
-                   batch_size=4, learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.0, head_warmup_steps=2,
+P = PretrainParams(variants=["domain"], max_seq_length=16, mlm_probability=0.15, mask_replace_prob=0.8,
+                   random_replace_prob=0.1, batch_size=4, learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.0, head_warmup_steps=2,
                    head_warmup_learning_rate=1e-3, max_steps=6, eval_steps=3, max_eval_blocks=4, patience=2,
                    min_delta=0.0, max_general_degradation=0.5)
 
@@ -124,15 +124,15 @@ def test_stage_trains_and_reports(project, family, request):
     write_jsonl(project.domain_valid, [{"id": "v", "text": " ".join(CORPUS)}])
     write_jsonl(project.general_valid, [{"id": "g", "text": " ".join(reversed(CORPUS))}])
     start = AutoModelForMaskedLM.from_pretrained(model_dir)
-    start.save_pretrained(project.domain_init)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(project.domain_init)
-    run(P, project)
-    metrics = json.loads((project.metrics / "pretrain.json").read_text())
+    start.save_pretrained(project.init_dir("domain"))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(project.init_dir("domain"))
+    run(P, project, "domain")
+    metrics = json.loads((project.metrics / "pretrain_domain.json").read_text())
     # the validation text is the training text: a working loop must beat its starting point
     assert metrics["best_step"] > 0 and metrics["domain_loss_best"] < metrics["domain_loss_start"]
     assert metrics["steps"] == P.max_steps and metrics["stop_reason"] == "max_steps"
-    curve = (project.metrics / "pretrain_curve.csv").read_text().splitlines()
+    curve = (project.metrics / "pretrain_domain_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,domain_loss,") and len(curve) == 1 + 1 + P.max_steps // P.eval_steps
-    trained = AutoModelForMaskedLM.from_pretrained(project.domain_model)
+    trained = AutoModelForMaskedLM.from_pretrained(project.model_dir("domain"))
     assert not torch.equal(trained.base_model.encoder.layer[0].attention.self.query.weight,
                            start.base_model.encoder.layer[0].attention.self.query.weight)
