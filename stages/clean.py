@@ -267,8 +267,9 @@ def write_split(survivors: Path, p: CleanParams, train_path: Path, valid_path: P
     return dict(counts)
 
 
-def pick_general(survivors: Path, n: int, path: Path) -> int:
-    """The `n` general texts with the lowest hashes (distinct texts): a stable sample of any size corpus."""
+def pick_general(survivors: Path, n: int, path: Path, rest: Path) -> tuple[int, int]:
+    """The `n` general texts with the lowest hashes (distinct texts), a stable sample of any size corpus, to
+    `path` (validation); the other distinct texts to `rest` (replay during pretraining). Returns both counts."""
     seen: set[str] = set()
     best: list[tuple[int, str, str]] = []  # a max-heap of the lowest hashes, as negated ints
     for doc in iter_rank_files(survivors):
@@ -285,7 +286,15 @@ def pick_general(survivors: Path, n: int, path: Path) -> int:
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(rows)
+    chosen, written = {fingerprint(r["text"]) for r in rows}, 0
+    with atomic_path(rest) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for doc in iter_rank_files(survivors):
+            fp = fingerprint(doc["text"])
+            if fp not in chosen:
+                chosen.add(fp)  # and each text once
+                f.write(json.dumps({"id": doc["id"], "text": doc["text"]}, ensure_ascii=False) + "\n")
+                written += 1
+    return len(rows), written
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +422,8 @@ def run(p: CleanParams, paths: Paths) -> None:
                     raise ValueError(f"clean: no {name} text survives the filters ({source}); drops by step and "
                                      f"reason: {dropped}. Loosen the thresholds in params.yaml clean.steps")
             metrics.update(write_split(domain_out, p, paths.domain_train, paths.domain_valid))
-            metrics["general_valid_docs"] = pick_general(general_out, p.general_max_docs, paths.general_valid)
+            metrics["general_valid_docs"], metrics["general_train_docs"] = pick_general(
+                general_out, p.general_max_docs, paths.general_valid, paths.general_train)
             for key in ("domain_train_docs", "domain_valid_docs"):
                 if not metrics.get(key):
                     raise ValueError(f"clean: {key} is 0; the domain corpus is too small after cleaning "

