@@ -1,7 +1,7 @@
 """MLM training throughput: this project's step against the stock Transformers recipe, same model and data.
 
 Three training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
-- `ours`: `stages.pretrain`'s step: `MaskingCollator`, the MLM head at masked positions only (`SparseMLM`),
+- `ours`: `stages.pretrain`'s step (`stages/mlm.py`): `MaskingCollator`, the MLM head at masked positions only (`SparseMLM`),
   SDPA attention; on a GPU also bf16 autocast, fused AdamW and `torch.compile`;
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
@@ -32,7 +32,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertFo
     DataCollatorForLanguageModeling  # noqa: E402
 
 from stages.common import load_paths, read_jsonl  # noqa: E402
-from stages.pretrain import MaskingCollator, SparseMLM, pack  # noqa: E402
+from stages.mlm import MaskingCollator, SparseMLM, pack  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 

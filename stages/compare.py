@@ -119,7 +119,7 @@ def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict], vocab
 
     `extra`: `pretrain_<variant>` and `adapt_tokenizer` metrics; `vocab`: domain - domain_novocab, when run.
     """
-    lines = [f"# General vs domain-adapted model\n", f"**{verdict(diff)}**\n"]
+    lines = ["# General vs domain-adapted model\n", f"**{verdict(diff)}**\n"]
     pre = extra.get("pretrain_domain")
     if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
         lines.append(f"Pretraining hit its step limit ({pre['steps']} steps) with domain validation loss still "

@@ -45,17 +45,15 @@ from typing import Literal
 
 import mlflow
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from pydantic import Field, model_validator
-from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, \
     TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_logging, write_json, write_text
+from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, evaluate, fixed_eval_batches, mlm_head, pack
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 
@@ -94,25 +92,7 @@ class PretrainParams(Section):
 
 
 # ---------------------------------------------------------------------------------------------------
-# data: pack documents into full blocks, once per tokenizer and text
-
-
-def pack(tok: PreTrainedTokenizerBase, texts: Sequence[str], block: int) -> torch.Tensor:
-    """[CLS] + `block - 1` tokens per row, documents joined by [SEP]; the ragged tail is dropped."""
-    cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-    sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-    stream: list[int] = []
-    chunk = 1000  # documents per tokenizer call: batched for speed, small enough for a live progress bar
-    for start in tqdm(range(0, len(texts), chunk), desc="tokenising", unit="kdoc", disable=len(texts) <= chunk):
-        for ids in tok(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(sep_id)
-    body = block - 1
-    n = len(stream) // body
-    if n == 0:
-        raise ValueError(f"pretrain: {len(stream)} tokens are not enough for one block of {block}")
-    rows = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
-    return torch.cat([torch.full((n, 1), cls_id, dtype=torch.long), rows], dim=1)
+# data and masking (the recipe itself is in stages/mlm.py)
 
 
 def cached_blocks(tok: PreTrainedTokenizerBase, path: Path, block: int, cache: Path) -> torch.Tensor:
@@ -138,173 +118,9 @@ def with_replay(domain: torch.Tensor, general: torch.Tensor | None, share: float
     return torch.cat([domain, general[pick]])
 
 
-class Blocks(torch.utils.data.Dataset):
-    """Packed blocks, each handed out with a masking seed drawn from (seed, epoch, index).
-
-    Dynamic masking without the global RNG: a block gets new masks every epoch, and a run resumed from a
-    checkpoint draws exactly the masks the uninterrupted run would have (the Trainer restores its RNG state
-    only after the first resumed batch has been collated). `EpochSetter` keeps `epoch` current.
-    """
-
-    def __init__(self, blocks: torch.Tensor, seed: int):
-        self.blocks, self.seed, self.epoch = blocks, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.blocks[i], "mask_seed": ((self.seed * 1_000_003 + self.epoch) * 2_147_483_647 + i)
-                % 2**63}
-
-
-class EpochSetter(TrainerCallback):
-    def __init__(self, dataset: Blocks):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.epoch = math.floor(state.epoch + 1e-9)  # a resumed run re-enters its epoch mid-way
-        return control
-
-
-# ---------------------------------------------------------------------------------------------------
-# masking
-
-
-def word_starts(tok: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Per vocabulary id, whether the token begins a word: WordPiece marks continuations ("##ing"), byte-level
-    BPE marks word starts ("Ġword"). Special tokens count as starts, so a word never spans a document edge."""
-    vocab = tok.get_vocab()
-    table = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
-    prefix = getattr(tok.backend_tokenizer.model, "continuing_subword_prefix", None)
-    for token, i in vocab.items():
-        table[i] = not token.startswith(prefix) if prefix else token.startswith("Ġ")
-    table[tok.all_special_ids] = True
-    return table
-
-
-class MaskingCollator:
-    """BERT's masking recipe on packed blocks, drawn afresh on every call (dynamic masking).
-
-    Each token that is not special (with `whole_word`: each word) is selected with `mlm_probability`; of the
-    selected, `mask_replace_prob` become [MASK], `random_replace_prob` a random token, the rest stay. Only the
-    selected positions get labels. Written here rather than taken from `DataCollatorForLanguageModeling`, which
-    draws random replacements from the whole vocabulary, special tokens included, and whose whole-word option
-    needs character offsets that packed blocks no longer have.
-    """
-
-    def __init__(self, tok: PreTrainedTokenizerBase, mlm_probability: float, mask_replace_prob: float,
-                 random_replace_prob: float, whole_word: bool = False, seed: int | None = None):
-        self.p, self.mask_p, self.random_p = mlm_probability, mask_replace_prob, random_replace_prob
-        self.mask_id = tok.mask_token_id
-        ids = torch.tensor(sorted(set(tok.get_vocab().values())))
-        specials = torch.tensor(sorted(set(tok.all_special_ids)))
-        self.real_ids = ids[~torch.isin(ids, specials)]  # what a random replacement may be
-        self.special = torch.zeros(int(ids.max()) + 1, dtype=torch.bool)
-        self.special[specials] = True
-        self.starts = word_starts(tok) if whole_word else None
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None  # else torch's own
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = torch.stack([r["input_ids"] for r in rows])
-        if "mask_seed" in rows[0]:  # per-block seeds (see `Blocks`)
-            u = torch.stack([torch.rand((3, input_ids.shape[1]), generator=torch.Generator().manual_seed(r["mask_seed"]))
-                             for r in rows], dim=1)
-        else:
-            u = torch.rand((3, *input_ids.shape), generator=self.generator)
-        draw, how, pick = u
-        if self.starts is not None:  # every token of a word takes the draw of the word's first token
-            position = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-            first = torch.where(self.starts[input_ids], position, 0).cummax(-1).values
-            draw = draw.gather(-1, first)
-        selected = (draw < self.p) & ~self.special[input_ids]
-        labels = torch.where(selected, input_ids, -100)
-        masked = selected & (how < self.mask_p)
-        randomised = selected & (how >= self.mask_p) & (how < self.mask_p + self.random_p)
-        random_ids = self.real_ids[(pick * len(self.real_ids)).long().clamp(max=len(self.real_ids) - 1)]
-        input_ids = torch.where(masked, self.mask_id, torch.where(randomised, random_ids, input_ids))
-        return {"input_ids": input_ids, "labels": labels}
-
-
 def make_collator(tok: PreTrainedTokenizerBase, p: PretrainParams, seed: int | None = None) -> MaskingCollator:
     """The masking recipe of `p`; with `seed`, the masks are reproducible (validation)."""
     return MaskingCollator(tok, p.mlm_probability, p.mask_replace_prob, p.random_replace_prob, p.whole_word_mask, seed)
-
-
-def fixed_eval_batches(blocks: torch.Tensor, collator, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Mask the validation blocks once, so every evaluation scores the same positions."""
-    rows = [{"input_ids": b} for b in blocks]
-    return [collator(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# model: the MLM head at masked positions only
-
-
-def mlm_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The module mapping hidden states to vocabulary logits, for the families we support."""
-    for attr in ("cls", "lm_head"):  # BERT, RoBERTa
-        if hasattr(model, attr):
-            return getattr(model, attr)
-    if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBERT: transform, then projection
-        return torch.nn.Sequential(model.head, model.decoder)
-    raise ValueError(f"pretrain: no MLM head found on {type(model).__name__}")
-
-
-class SparseMLM(torch.nn.Module):
-    """Wraps an `...ForMaskedLM` model; the vocabulary projection runs only where labels are set.
-
-    Being the module the Trainer trains (rather than a `compute_loss` override), it stays correct under
-    DDP, where only the wrapped module's forward synchronises gradients.
-    """
-
-    def __init__(self, mlm: torch.nn.Module):
-        super().__init__()
-        self.mlm = mlm
-        # tied tensors (input embeddings = output layer) after their first name: the Trainer's checkpoints
-        # (safetensors) refuse shared memory, and on loading it re-ties what these names leave out
-        seen, self._keys_to_ignore_on_save = set(), []
-        for key, t in super().state_dict().items():
-            where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            if where in seen:
-                self._keys_to_ignore_on_save.append(key)
-            seen.add(where)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        selected = labels != -100
-        logits = mlm_head(self.mlm)(hidden[selected])
-        target = labels[selected]
-        loss = F.cross_entropy(logits.float(), target, reduction="sum")
-        correct = (logits.argmax(-1) == target).sum()
-        n = target.numel()
-        return {"loss": loss / max(n, 1), "loss_sum": loss.detach(), "correct": correct, "count": torch.tensor(n)}
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        state = super().state_dict(*args, **kwargs)
-        for key in self._keys_to_ignore_on_save:
-            state.pop(key, None)
-        return state
-
-    def tie_weights(self) -> None:
-        self.mlm.tie_weights()
-
-
-@torch.no_grad()
-def evaluate(model: SparseMLM, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Token-weighted MLM loss, perplexity and masked-token accuracy on fixed batches."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss = correct = count = 0.0
-    for batch in batches:
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        loss += out["loss_sum"].item()
-        correct += out["correct"].item()
-        count += out["count"].item()
-    model.train(was_training)
-    mean = loss / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "accuracy": correct / max(count, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,6 +241,12 @@ def curve_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
+def resumable(folder: Path) -> str | None:
+    """The newest checkpoint that is complete: its early-stopping state is the last thing written into it."""
+    done = [c for c in folder.glob("checkpoint-*") if (c / DomainGeneralStopping.STATE).exists()]
+    return str(max(done, key=lambda c: int(c.name.split("-")[1]))) if done else None
+
+
 def clear_run_state(work: Path) -> None:
     """Forget a run's checkpoints and best models; the token cache (`blocks/`) stays."""
     for part in ("trainer", "best", "warmup"):
@@ -459,7 +281,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     if main and (work / "run.json").exists() and json.loads((work / "run.json").read_text()) != fingerprint:
         clear_run_state(work)
     state.wait_for_everyone()
-    resume = get_last_checkpoint(str(work / "trainer")) if (work / "trainer").is_dir() else None
+    resume = resumable(work / "trainer")
     if main:
         write_json(work / "run.json", fingerprint)
     if resume:

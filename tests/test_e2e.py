@@ -1,7 +1,7 @@
 """End to end: the whole DAG through the Prefect flow on a tiny random BERT, in a temporary copy.
 
 Asserts the outputs, the MLflow runs and their parent/child links, and that a second `dvc repro` reruns
-nothing. Takes about three minutes on two cores.
+nothing. Takes about four minutes on two cores.
 """
 
 import json

@@ -3,7 +3,7 @@
 import json
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, BertModel
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertModel
 
 from stages.finetune import FinetuneParams, TrainingParams, class_weights, init_classifier, run, scores, \
     share_pooler

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from stages import pretrain
+from stages import mlm, pretrain
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, \
     pack, run
 from tests.conftest import CORPUS, write_jsonl
@@ -164,13 +164,13 @@ def test_whole_word_masking_selects_whole_words(family, tiny_bert, tiny_roberta)
     texts = ["indemnification merchantability sublicensable irrevocably"] * 40  # words of several pieces
     blocks = pack(tok, texts, 32)
     out = make_collator(tok, P.model_copy(update={"whole_word_mask": True}))([{"input_ids": b} for b in blocks])
-    starts = pretrain.word_starts(tok)[blocks]
+    starts = mlm.word_starts(tok)[blocks]
     selected = out["labels"] != -100
     assert 0.05 < selected.float().mean() < 0.3
     word = starts.cumsum(-1)  # word index within each row
     for r in range(len(blocks)):
         for w in word[r][selected[r]].unique():
-            members = (word[r] == w) & ~pretrain.MaskingCollator(tok, 0.15, 0.8, 0.1).special[blocks[r]]
+            members = (word[r] == w) & ~mlm.MaskingCollator(tok, 0.15, 0.8, 0.1).special[blocks[r]]
             assert selected[r][members].all()  # a selected word is selected in full
     # several pieces per word here: token-level masking would split words
     token_level = make_collator(tok, P)([{"input_ids": b} for b in blocks])["labels"] != -100
