@@ -21,6 +21,7 @@ Run: `dvc repro adapt_tokenizer` (or `python -m stages.adapt_tokenizer`).
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from collections import Counter
@@ -233,7 +234,8 @@ def resize_and_init(model: torch.nn.Module, tok: PreTrainedTokenizerBase, added:
     """Make room for the new ids (a multiple of 64 rows) and initialise their rows and MLM output bias.
 
     `mean`: the mean of the entry's base pieces (FVT); `mean_all`: the mean of all base rows; `random`: the
-    model's own initialiser. An untied output layer gets the same treatment as the input embeddings.
+    model's own initialiser. An untied output layer gets the same treatment as the input embeddings. Padding
+    rows (no token has their id) get the lowest base output bias: no likelier than the least likely token.
     """
     ids = tok.convert_tokens_to_ids(list(added))
     if not ids:
@@ -255,6 +257,8 @@ def resize_and_init(model: torch.nn.Module, tok: PreTrainedTokenizerBase, added:
                 w[row] = w[source].mean(0)
         if bias is not None:
             bias[row] = 0.0 if how == "random" else bias[source].mean()
+    if bias is not None:  # padding rows no token maps to: as unlikely as the least likely real token
+        bias[max(ids) + 1:] = bias[:first].min()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,13 +287,10 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
         # output must be the same bytes on every run or DVC retrains everything downstream
         set_seed(p.seed)
         model = AutoModelForMaskedLM.from_pretrained(paths.base_model)
-        # the ablation starts from the same weights and head, with the base vocabulary
-        with atomic_path(paths.init_dir("domain_novocab")) as tmp:
-            model.save_pretrained(tmp)
-            base.save_pretrained(tmp)
+        novocab = copy.deepcopy(model)  # the ablation: the same weights and head, with the base vocabulary
         resize_and_init(model, tok, added, base_pieces(base), base.convert_tokens_to_ids, p.init)
 
-        # report
+        # report (and its check, before anything is written)
         metrics: dict = {"base_vocab_size": len(base), "vocab_size": len(tok), "new_tokens": len(new),
                          "new_vocab_entries": len(added),  # BPE: the tokens and their merge chains' intermediates
                          "embedding_rows": model.get_input_embeddings().weight.shape[0]}
@@ -304,6 +305,9 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
                 f"lower adapt_tokenizer.max_new_tokens or raise adapt_tokenizer.min_frequency")
 
         # save
+        with atomic_path(paths.init_dir("domain_novocab")) as tmp:
+            novocab.save_pretrained(tmp)
+            base.save_pretrained(tmp)
         with atomic_path(paths.init_dir("domain")) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

@@ -7,6 +7,7 @@ Nothing here knows about a particular stage; a stage module declares its own par
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -124,6 +125,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of a writer killed before its cleanup ran (each path has one writer at a time)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     work = tmp / target.name
     try:

@@ -71,16 +71,29 @@ class EpochSetter(TrainerCallback):
 # masking
 
 
-def word_starts(tok: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Per vocabulary id, whether the token begins a word: WordPiece marks continuations ("##ing"), byte-level
-    BPE marks word starts ("Ġword"). Special tokens count as starts, so a word never spans a document edge."""
+def word_starts(tok: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tables over vocabulary ids: does the token begin a word, and does a word begin after it?
+
+    WordPiece marks continuations ("##ing"); byte-level BPE marks a word after a space ("Ġword"), and a word
+    after a line break or at a document's start has no mark: the token after a newline ("Ċ") or a special token
+    begins one too. Special tokens and line breaks are words of their own (and specials are never masked).
+    """
     vocab = tok.get_vocab()
-    table = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
+    starts = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
+    breaks = torch.zeros_like(starts)
     prefix = getattr(tok.backend_tokenizer.model, "continuing_subword_prefix", None)
     for token, i in vocab.items():
-        table[i] = not token.startswith(prefix) if prefix else token.startswith("Ġ")
-    table[tok.all_special_ids] = True
-    return table
+        starts[i] = not token.startswith(prefix) if prefix else token.startswith(("Ġ", "Ċ"))
+        breaks[i] = not prefix and token.endswith("Ċ")
+    starts[tok.all_special_ids] = breaks[tok.all_special_ids] = True
+    return starts, breaks
+
+
+def word_begins(input_ids: torch.Tensor, starts: torch.Tensor, breaks: torch.Tensor) -> torch.Tensor:
+    """Where words begin in a batch of blocks, from the two tables of `word_starts`."""
+    begins = starts[input_ids]
+    begins[:, 1:] |= breaks[input_ids[:, :-1]]
+    return begins
 
 
 class MaskingCollator:
@@ -102,20 +115,20 @@ class MaskingCollator:
         self.real_ids = ids[~torch.isin(ids, specials)]  # what a random replacement may be
         self.special = torch.zeros(int(ids.max()) + 1, dtype=torch.bool)
         self.special[specials] = True
-        self.starts = word_starts(tok) if whole_word else None
+        self.words = word_starts(tok) if whole_word else None
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None  # else torch's own
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         input_ids = torch.stack([r["input_ids"] for r in rows])
         if "mask_seed" in rows[0]:  # per-block seeds (see `Blocks`)
-            u = torch.stack([torch.rand((3, input_ids.shape[1]), generator=torch.Generator().manual_seed(r["mask_seed"]))
-                             for r in rows], dim=1)
+            u = torch.stack([torch.rand((3, input_ids.shape[1]),
+                                        generator=torch.Generator().manual_seed(r["mask_seed"])) for r in rows], dim=1)
         else:
             u = torch.rand((3, *input_ids.shape), generator=self.generator)
         draw, how, pick = u
-        if self.starts is not None:  # every token of a word takes the draw of the word's first token
+        if self.words is not None:  # every token of a word takes the draw of the word's first token
             position = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-            first = torch.where(self.starts[input_ids], position, 0).cummax(-1).values
+            first = torch.where(word_begins(input_ids, *self.words), position, 0).cummax(-1).values
             draw = draw.gather(-1, first)
         selected = (draw < self.p) & ~self.special[input_ids]
         labels = torch.where(selected, input_ids, -100)

@@ -53,6 +53,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenize
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_logging, write_json, write_text
+from stages import mlm
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, evaluate, fixed_eval_batches, mlm_head, pack
 
 PretrainVariant = Literal["domain", "domain_novocab"]
@@ -97,7 +98,8 @@ class PretrainParams(Section):
 
 def cached_blocks(tok: PreTrainedTokenizerBase, path: Path, block: int, cache: Path) -> torch.Tensor:
     """`pack` of a JSONL file, kept in `cache` under a hash of the tokenizer, the file and the block size."""
-    key = hashlib.sha1(tok.backend_tokenizer.to_str().encode() + path.read_bytes() + str(block).encode()).hexdigest()
+    key = hashlib.sha1(tok.backend_tokenizer.to_str().encode() + path.read_bytes() + str(block).encode()
+                       + Path(mlm.__file__).read_bytes()).hexdigest()  # the packing code too
     file = cache / f"blocks-{key[:16]}.pt"
     if file.exists():
         return torch.load(file)
@@ -203,7 +205,14 @@ class DomainGeneralStopping(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.p.eval_steps == 0 or state.global_step >= state.max_steps:
-            if self.evaluate_and_decide(model, self.step_offset + state.global_step):
+            stop = self.evaluate_and_decide(model, self.step_offset + state.global_step)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every process evaluated the same model on the same batches; the first one's verdict binds all,
+                # so a rounding difference can never leave one process training alone
+                verdict = [stop, self.stop_reason]
+                torch.distributed.broadcast_object_list(verdict, src=0)
+                stop, self.stop_reason = verdict
+            if stop:  # never False: the Trainer's own flow callback has set True at max_steps
                 control.should_training_stop = True
         return control
 
@@ -222,7 +231,8 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=p.batch_size, learning_rate=lr,
         weight_decay=p.weight_decay, warmup_steps=int(warmup * steps), lr_scheduler_type="linear",
         logging_steps=10, eval_strategy="no", report_to="none", seed=seed,
-        save_strategy="steps" if save else "no", save_steps=p.save_steps, save_total_limit=1,
+        save_strategy="steps" if save else "no", save_steps=p.save_steps,
+        save_total_limit=2,  # the Trainer drops the older one before `on_save` completes the newer
         bf16=cuda and torch.cuda.is_bf16_supported(), tf32=cuda or None,
         use_cpu=not cuda,  # also what makes several CPU processes (gloo) one distributed run
         optim="adamw_torch_fused" if cuda else "adamw_torch", torch_compile=p.torch_compile,
@@ -253,9 +263,12 @@ def clear_run_state(work: Path) -> None:
         shutil.rmtree(work / part, ignore_errors=True)
 
 
-def run_fingerprint(p: PretrainParams, files: Sequence[Path]) -> str:
-    """What a checkpoint must match to be resumed: the params and every input file's bytes."""
+def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) -> str:
+    """What a checkpoint must match to be resumed: the params, the number of processes (it sets the data each
+    one sees), this stage's code and every input file's bytes."""
     h = hashlib.sha1(p.model_dump_json(exclude={"variants", "launcher", "dataloader_workers"}).encode())
+    h.update(str(processes).encode())
+    files = [*files, Path(__file__), Path(mlm.__file__)]
     for f in sorted(files):
         h.update(str(f).encode())
         h.update(hashlib.sha1(f.read_bytes()).digest())
@@ -277,7 +290,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     inputs = [f for f in start.rglob("*") if f.is_file()] + [paths.domain_train, paths.domain_valid, paths.general_valid]
     if p.general_replay:
         inputs.append(paths.general_train)
-    fingerprint = run_fingerprint(p, inputs)
+    fingerprint = run_fingerprint(p, inputs, state.num_processes)
     if main and (work / "run.json").exists() and json.loads((work / "run.json").read_text()) != fingerprint:
         clear_run_state(work)
     state.wait_for_everyone()
@@ -334,11 +347,16 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         if resume:
             stopping.restore(Path(resume))
         else:
-            stopping.evaluate_and_decide(model, p.head_warmup_steps)
+            stopping.evaluate_and_decide(model.to(args.device), p.head_warmup_steps)
         # another seed than the warm-up's: the same one would replay its blocks in the same order with the same masks
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                           callbacks=[EpochSetter(train_dataset), stopping, *loggers])
-        trainer.train(resume_from_checkpoint=resume)
+        steps = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+        # a run killed after its last step (or its stop) is done: training on would add a step the
+        # uninterrupted run never took
+        if stopping.stop_reason == "max_steps" and steps < p.max_steps:
+            trainer.train(resume_from_checkpoint=resume)
+            steps = trainer.state.global_step
         if not main:
             return
 
@@ -346,7 +364,6 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         with atomic_path(paths.model_dir(variant)) as tmp:
             shutil.copytree(stopping.best_dir, tmp)
         first, best, last = stopping.history[0], stopping.best, stopping.history[-1]
-        steps = trainer.state.global_step
         metrics = {
             "stop_reason": stopping.stop_reason,
             "steps": steps,

@@ -134,6 +134,7 @@ def test_initialisation_keeps_tying_and_sets_the_bias(kind, how):
                                                  **{**TINY, "max_position_embeddings": 140}))
     model.get_output_embeddings().bias.data.normal_()  # a trained head's bias is not zero
     old_emb = model.get_input_embeddings().weight.detach().clone()
+    lowest_bias = model.get_output_embeddings().bias.detach().min()
     ext, added = extend(base, [word])
     pieces = base_pieces(base)
     resize_and_init(model, ext, added, pieces, base.convert_tokens_to_ids, how)
@@ -141,6 +142,7 @@ def test_initialisation_keeps_tying_and_sets_the_bias(kind, how):
     assert emb.shape[0] % 64 == 0 and emb.shape[0] >= len(ext)
     assert out.weight.data_ptr() == emb.data_ptr() and out.bias.shape[0] == emb.shape[0]  # tying preserved
     assert torch.equal(emb[: len(base)], old_emb)  # old rows untouched
+    assert (out.bias[len(ext):] == lowest_bias).all()  # padding rows: no likelier than any real token
     row, source = ext.convert_tokens_to_ids(word), base.convert_tokens_to_ids(pieces(word))
     if how == "mean":
         assert torch.allclose(emb[row], old_emb[source].mean(0))
