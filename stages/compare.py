@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 from pydantic import Field  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
@@ -37,6 +38,8 @@ METRICS = ("test_macro_f1", "test_accuracy")
 class CompareParams(Section):
     tfidf_max_features: int = Field(ge=100)
     tfidf_c: float = Field(gt=0)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    seed: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,11 +72,50 @@ def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: 
     return out
 
 
+def macro_f1_resampled(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 of each bootstrap resample, given as example counts (`weights`, resamples x examples).
+
+    Matches scikit-learn's macro average: classes absent from both the labels and the predictions of a resample
+    do not count."""
+    true = np.eye(n_classes)[y_true]  # examples x classes
+    pred = np.eye(n_classes)[y_pred]
+    tp, n_true, n_pred = weights @ (true * pred), weights @ true, weights @ pred
+    present = (n_true + n_pred) > 0
+    f1 = np.divide(2 * tp, n_true + n_pred, out=np.zeros_like(tp), where=present)
+    return (f1 * present).sum(1) / present.sum(1)
+
+
+def paired_bootstrap(labels: list[str], preds_a: list[list[str]], preds_b: list[list[str]], resamples: int,
+                     seed: int) -> dict[str, float]:
+    """Macro-F1 of a - b (averaged over seeds) with a 95% percentile interval and a two-sided p-value from
+    resampling test examples with replacement; the same resample for every seed and both variants (paired)."""
+    classes = sorted(set(labels) | {p for ps in (*preds_a, *preds_b) for p in ps})
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[c] for c in labels])
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=resamples).astype(float)
+    full = np.ones((1, len(y)))
+    diff = np.zeros(resamples)
+    observed = 0.0
+    for pa, pb in zip(preds_a, preds_b, strict=True):
+        a, b = np.array([index[c] for c in pa]), np.array([index[c] for c in pb])
+        diff += macro_f1_resampled(y, a, weights, len(classes)) - macro_f1_resampled(y, b, weights, len(classes))
+        observed += float(macro_f1_resampled(y, a, full, len(classes))[0]
+                          - macro_f1_resampled(y, b, full, len(classes))[0])
+    diff /= len(preds_a)
+    observed /= len(preds_a)
+    p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
+    return {"mean": observed, "ci_low": float(np.percentile(diff, 2.5)), "ci_high": float(np.percentile(diff, 97.5)),
+            "p_value": float(p), "resamples": resamples}
+
+
 def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
-    """One honest sentence: significant at `alpha` by a paired t-test over seeds, or not a result."""
+    """One honest sentence: significant at `alpha` (by `diff["method"]`, a paired t-test over seeds unless
+    stated), with the effect size and its interval, or not a result."""
     mean, n = diff["mean"], diff["n"]
     stats_text = (f"domain - general macro-F1 = {mean:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f}, "
-                  f"paired t-test p = {diff['p_value']:.2f}, domain better in {diff['wins']}/{n} seeds)")
+                  f"{diff.get('method', 'paired t-test')} p = {diff['p_value']:.3f}, domain better in "
+                  f"{diff['wins']}/{n} seeds)")
     if n < 2 or diff["p_value"] >= alpha:
         return f"No significant difference between the domain-adapted and the general model: {stats_text}."
     word = "better" if mean > 0 else "worse"
@@ -114,7 +156,8 @@ def plot(summary: dict, runs: dict[str, dict[int, dict]], tfidf: dict[str, float
     plt.close(fig)
 
 
-def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict], vocab: dict | None = None) -> str:
+def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict], vocab: dict | None = None,
+           seed_test: dict | None = None) -> str:
     """The markdown report: verdict first, then the table, then what explains it.
 
     `extra`: `pretrain_<variant>` and `adapt_tokenizer` metrics; `vocab`: domain - domain_novocab, when run.
@@ -129,6 +172,9 @@ def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict], vocab
         f1, acc = s["test_macro_f1"], s["test_accuracy"]
         lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
     lines.append(f"| TF-IDF + LR (reference) | - | {tfidf['test_macro_f1']:.3f} | {tfidf['test_accuracy']:.3f} |")
+    if seed_test is not None and seed_test is not diff:
+        lines += ["", f"Over seeds alone (paired t-test on the {seed_test['n']} per-seed differences): 95% CI "
+                  f"{seed_test['ci_low']:+.3f} to {seed_test['ci_high']:+.3f}, p = {seed_test['p_value']:.3f}."]
     lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
               "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", ""]
     if vocab:
@@ -176,6 +222,16 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
         tfidf = tfidf_baseline(task["train"], task["test"], p)
         diff = paired_difference(runs, "domain", "general", "test_macro_f1") if {"domain", "general"} <= set(runs) \
             else paired_difference({"domain": {}, "general": {}}, "domain", "general", "test_macro_f1")
+        seed_test = diff
+        predictions = {(v, s): paths.finetune / f"{v}-{s}" / "predictions.jsonl" for v in runs for s in fp.seeds}
+        if {"domain", "general"} <= set(runs) and all(f.exists() for f in predictions.values()):
+            rows = {k: read_jsonl(f) for k, f in predictions.items()}
+            labels = [r["label"] for r in rows[("general", fp.seeds[0])]]
+            boot = paired_bootstrap(labels, [[r["pred"] for r in rows[("domain", s)]] for s in fp.seeds],
+                                    [[r["pred"] for r in rows[("general", s)]] for s in fp.seeds],
+                                    p.bootstrap_resamples, p.seed)
+            diff = {**diff, **boot, "method": f"paired bootstrap over {len(labels):,} test texts x {len(fp.seeds)} "
+                                              f"seeds,"}
         vocab = paired_difference(runs, "domain", "domain_novocab", "test_macro_f1") \
             if {"domain", "domain_novocab"} <= set(runs) else None
         names = ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
@@ -186,7 +242,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
                                                       delimiter="\t"))
 
         plot(summary, runs, tfidf, paths.reports / "comparison.png")
-        text = report(summary, diff, tfidf, extra, vocab)
+        text = report(summary, diff, tfidf, extra, vocab, seed_test)
         write_text(paths.reports / "comparison.md", text)
         metrics = {
             **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in METRICS
@@ -195,6 +251,8 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
             "domain_minus_general_macro_f1_mean": diff["mean"],
             "domain_minus_general_macro_f1_std": diff["std"],
             "domain_minus_general_p_value": diff["p_value"],
+            "domain_minus_general_ci_low": diff["ci_low"],
+            "domain_minus_general_ci_high": diff["ci_high"],
             "domain_wins": diff["wins"],
             **({"domain_minus_novocab_macro_f1_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
                if vocab else {}),

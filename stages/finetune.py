@@ -175,9 +175,14 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
 
             # evaluate: the dev-selected model, scored once on test
             dev = trainer.evaluate()
+            # in dataset order: transformers 5 length-groups evaluation batches too, which would pair each
+            # prediction in predictions.jsonl with another text
+            trainer.args.train_sampling_strategy = "random"
             pred = trainer.predict(data["test"])
         y_pred = np.argmax(pred.predictions, -1).tolist()
         y_true = pred.label_ids.tolist()
+        if y_true != [label2id[ex["label"]] for ex in task["test"]]:
+            raise RuntimeError("finetune: test predictions came back in another order than the test set")
         metrics = {f"test_{k}": v for k, v in scores(y_true, y_pred).items()}
         metrics.update({"dev_macro_f1": dev["eval_macro_f1"], "dev_accuracy": dev["eval_accuracy"],
                         "seconds": round(time.time() - started, 1)})

@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from stages.compare import CompareParams, paired_difference, run, summarise, verdict
+from stages.compare import CompareParams, macro_f1_resampled, paired_bootstrap, paired_difference, run, summarise, \
+    verdict
 from stages.finetune import FinetuneParams, TrainingParams
 from tests.conftest import write_jsonl
 
@@ -77,3 +79,30 @@ def test_stage_report_metrics_and_plot(project):
     assert metrics["domain_macro_f1_mean"] == pytest.approx(0.75) and \
         metrics["domain_minus_novocab_macro_f1_mean"] == pytest.approx(0.075) and metrics["tfidf_macro_f1"] == 1.0
     assert (project.reports / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resampled_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 4, 300), rng.integers(0, 3, 300)  # class 3 is never predicted
+    ours = macro_f1_resampled(y, p, np.ones((1, 300)), 5)[0]  # class 4 appears nowhere: not counted
+    assert ours == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    weights = rng.multinomial(300, np.full(300, 1 / 300), size=3).astype(float)
+    for w, f1 in zip(weights, macro_f1_resampled(y, p, weights, 5), strict=True):
+        idx = np.repeat(np.arange(300), w.astype(int))
+        assert f1 == pytest.approx(f1_score(y[idx], p[idx], average="macro", zero_division=0))
+
+
+def test_paired_bootstrap_separates_signal_from_noise():
+    labels = ["a", "b"] * 100
+    same = paired_bootstrap(labels, [labels[::-1]], [labels[::-1]], 500, 0)
+    assert same["mean"] == 0 and same["ci_low"] == same["ci_high"] == 0 and same["p_value"] == 1
+    flipped = ["b" if x == "a" else "a" for x in labels]
+    clear = paired_bootstrap(labels, [labels, labels], [flipped, flipped], 500, 0)
+    assert clear["mean"] == 1 and clear["ci_low"] > 0.9 and clear["p_value"] == 0
+    noisy = [x if i % 10 else ("b" if x == "a" else "a") for i, x in enumerate(labels)]  # 10% wrong
+    other = list(noisy)  # two errors fixed, two new ones: as good, differently wrong
+    other[0], other[10], other[1], other[2] = labels[0], labels[10], noisy[2], noisy[1]
+    close = paired_bootstrap(labels, [noisy], [other], 500, 0)
+    assert close["ci_low"] < 0 < close["ci_high"] and close["p_value"] > 0.05
