@@ -158,6 +158,9 @@ def extend_model_spec(model: dict, tokens: Sequence[str], pieces: Pieces, first_
     the chain as they agree, as with a BPE trained on the domain.
     """
     vocab = model["vocab"]
+    already = [t for t in tokens if t in vocab]
+    if already:
+        raise ValueError(f"token {already[0]!r} is already in the vocabulary")
     next_id = first_id
     added: list[str] = []
 
@@ -170,16 +173,12 @@ def extend_model_spec(model: dict, tokens: Sequence[str], pieces: Pieces, first_
 
     if model["type"] == "WordPiece":
         for token in tokens:
-            if token in vocab:
-                raise ValueError(f"token {token!r} is already in the vocabulary")
             add(token)
         return added
     merges = model["merges"]
     as_text = bool(merges) and isinstance(merges[0], str)  # older tokenizer.json: "a b" strings
     known = {tuple(m.split(" ", 1)) if as_text else tuple(m) for m in merges}
-    for token in tokens:
-        if token in vocab:
-            raise ValueError(f"token {token!r} is already in the vocabulary")
+    for token in tokens:  # a token may already be an earlier chain's step: its merges are then all there is to add
         parts = pieces(token)
         current = parts[0]
         for part in parts[1:]:
