@@ -56,6 +56,10 @@ class Paths(Section):
         """Where a pretrained variant starts: `<models>/<variant>_init`, written by adapt_tokenizer."""
         return self.models / f"{variant}_init"
 
+    def snapshot_dir(self, variant: str, percent: int) -> Path:
+        """The model pretrain kept at `percent`% of its steps: `<models>/<variant>_snapshots/<percent>`."""
+        return self.models / f"{variant}_snapshots" / str(percent)
+
     @property
     def base_model(self) -> Path:
         return self.model_dir("general")

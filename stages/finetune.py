@@ -8,12 +8,17 @@ Pooler: a checkpoint saved from an MLM model has no pooler, so a classifier buil
 a random pooler while the base model has a trained one. Every variant therefore gets the base model's
 pooler, so the comparison measures the encoder, not the pooler's initialisation.
 
-Run: `dvc repro finetune` (all runs) or `python -m stages.finetune --variant domain --seed 0`.
+Adaptation curve: `--at P` fine-tunes the snapshot pretrain kept at P% of its steps
+(`models/<variant>_snapshots/P`, `pretrain.snapshots`) instead of the final model, into
+`paths.finetune/<variant>-atP-<seed>/`, with the compute that snapshot cost in its metrics.
+
+Run: `dvc repro finetune` (all runs) or `python -m stages.finetune --variant domain --seed 0 [--at 50]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -121,13 +126,22 @@ def encode(tok, examples: list[dict], label2id: dict[str, int], max_len: int) ->
 # ---------------------------------------------------------------------------------------------------
 
 
-def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
-    """Fine-tune `variant` with `seed`; write test metrics and predictions."""
+def run_name(variant: str, seed: int, at: int | None = None) -> str:
+    """`<variant>-<seed>`, or `<variant>-at<P>-<seed>` for the snapshot at P% of pretraining: the output folder
+    under `paths.finetune` and (prefixed `finetune-`) the MLflow run."""
+    return f"{variant}-{seed}" if at is None else f"{variant}-at{at}-{seed}"
+
+
+def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None = None) -> None:
+    """Fine-tune `variant` (its snapshot at `at`% of pretraining, if given) with `seed`; write test metrics
+    and predictions."""
     t = p.training
-    out_dir = paths.finetune / f"{variant}-{seed}"
-    with tracking.stage_run("finetune", p.training, run_name=f"finetune-{variant}-{seed}",
-                            tags={"variant": variant, "seed": str(seed)}):
-        mlflow.log_params({"variant": variant, "seed": seed})
+    name = run_name(variant, seed, at)
+    out_dir = paths.finetune / name
+    model_dir = paths.model_dir(variant) if at is None else paths.snapshot_dir(variant, at)
+    tags = {"variant": variant, "seed": str(seed), **({"dapt_percent": str(at)} if at is not None else {})}
+    with tracking.stage_run("finetune", p.training, run_name=f"finetune-{name}", tags=tags) as mlflow_run:
+        mlflow.log_params({"variant": variant, "seed": seed, **({"dapt_percent": at} if at is not None else {})})
         started = time.time()
         # seed
         set_seed(seed)
@@ -136,7 +150,6 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
         task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "dev", "test")}
         labels = sorted({ex["label"] for ex in task["train"]})
         label2id = {label: i for i, label in enumerate(labels)}
-        model_dir = paths.model_dir(variant)
 
         # tokenizer
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -186,11 +199,15 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int) -> None:
         metrics = {f"test_{k}": v for k, v in scores(y_true, y_pred).items()}
         metrics.update({"dev_macro_f1": dev["eval_macro_f1"], "dev_accuracy": dev["eval_accuracy"],
                         "seconds": round(time.time() - started, 1)})
+        # the snapshot's pretraining compute (step, tokens seen, device-hours): the adaptation curve's x-axis
+        snapshot = json.loads((model_dir / "snapshot.json").read_text()) if at is not None else {}
 
         # save
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
-            write_json(tmp / "metrics.json", {"variant": variant, "seed": seed, "labels": labels, **metrics})
+            write_json(tmp / "metrics.json", {"variant": variant, "seed": seed, "labels": labels, **metrics,
+                                              **({"dapt_percent": at, "snapshot": snapshot} if at is not None else {}),
+                                              "mlflow_run_id": mlflow_run.info.run_id})
             write_jsonl(tmp / "predictions.jsonl", (
                 {"id": ex.get("id", i), "label": ex["label"], "pred": labels[y]}
                 for i, (ex, y) in enumerate(zip(task["test"], y_pred, strict=True))))
@@ -203,8 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", required=True, choices=["general", "domain", "domain_novocab"])
     parser.add_argument("--seed", required=True, type=int)
+    parser.add_argument("--at", type=int, help="the pretraining snapshot at this percent of the steps")
     args = parser.parse_args()
-    run(load_params("finetune", FinetuneParams), load_paths(), args.variant, args.seed)
+    run(load_params("finetune", FinetuneParams), load_paths(), args.variant, args.seed, args.at)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,21 @@ def test_stage_writes_metrics_and_predictions(project, tiny_bert):
     assert len(preds) == len(rows) and {p["pred"] for p in preds} <= {"other", "permissive"}
     assert preds[0]["id"] == "test0"
     assert abs(metrics["test_accuracy"] - sum(p["pred"] == p["label"] for p in preds) / len(preds)) < 1e-9
+
+
+def test_stage_fine_tunes_a_pretraining_snapshot(project, tiny_bert):
+    import shutil
+
+    shutil.copytree(tiny_bert, project.base_model)
+    shutil.copytree(tiny_bert, project.snapshot_dir("domain", 50))
+    (project.snapshot_dir("domain", 50) / "snapshot.json").write_text(json.dumps({"step": 5, "tokens_seen": 640}))
+    rows = [{"text": "the licensor grants a licence", "label": "permissive"},
+            {"text": "the cat sat on the mat", "label": "other"}] * 4
+    for split in ("train", "dev", "test"):
+        write_jsonl(project.task / f"{split}.jsonl", rows)
+    p = FinetuneParams(variants=["domain"], seeds=[1], training=TrainingParams(
+        learning_rate=1e-3, epochs=1, batch_size=4, max_seq_length=16, warmup_ratio=0.0, weight_decay=0.0))
+    run(p, project, "domain", 1, at=50)
+    metrics = json.loads((project.finetune / "domain-at50-1" / "metrics.json").read_text())
+    assert metrics["dapt_percent"] == 50 and metrics["snapshot"] == {"step": 5, "tokens_seen": 640}
+    assert metrics["variant"] == "domain" and metrics["seed"] == 1 and metrics["mlflow_run_id"]
