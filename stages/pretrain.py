@@ -14,6 +14,10 @@ encoder frozen. Then every `eval_steps` the model is scored on held-out domain t
 above its best so far (over-specialisation). The best evaluation that respects the general constraint is
 saved to `models/<variant>`; the first evaluation (before any DAPT step) always qualifies.
 
+Adaptation curve: the model at each of `snapshots` (percent of `max_steps`) is kept in
+`models/<variant>_snapshots/<percent>` with what it cost (step, tokens seen, device-hours), so `finetune --at`
+can show whether more DAPT pays. A run that stops early keeps its final model for the snapshots it never reached.
+
 Variants (`pretrain.variants`): `domain` starts from the adapted tokenizer and embeddings
 (`models/domain_init`), `domain_novocab` from the base vocabulary with the same MLM head
 (`models/domain_novocab_init`): the same recipe on both separates the gain from new vocabulary from the gain
@@ -84,12 +88,20 @@ class PretrainParams(Section):
     max_general_degradation: float = Field(gt=0)
     torch_compile: bool = False
     dataloader_workers: int = Field(0, ge=0)
+    snapshots: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _probabilities(self) -> PretrainParams:
         if self.mask_replace_prob + self.random_replace_prob > 1:
             raise ValueError("pretrain.mask_replace_prob + pretrain.random_replace_prob must not exceed 1")
+        if any(not 0 <= pct < 100 for pct in self.snapshots) or len(set(self.snapshots)) != len(self.snapshots):
+            raise ValueError(f"pretrain.snapshots: distinct percentages in 0..99 (100% is the final model), got "
+                             f"{self.snapshots}")
         return self
+
+    def snapshot_steps(self) -> dict[int, int]:
+        """DAPT step -> snapshot percent (step 0: after the head warm-up, before any encoder update)."""
+        return {round(pct / 100 * self.max_steps): pct for pct in self.snapshots}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,6 +235,45 @@ class DomainGeneralStopping(TrainerCallback):
         return control
 
 
+class Snapshots(TrainerCallback):
+    """Keep the model at the steps of `pretrain.snapshots`, with its compute, for the adaptation curve."""
+
+    def __init__(self, p: PretrainParams, root: Path, tok: PreTrainedTokenizerBase, processes: int, started: float,
+                 main_process: bool = True):
+        self.p, self.root, self.tok, self.processes, self.started = p, root, tok, processes, started
+        self.main_process = main_process
+        self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def compute(self, step: int) -> dict:
+        """What the model at DAPT `step` cost: tokens trained on and device-hours since the stage started
+        (head warm-up and evaluations included; a resumed run counts from its restart)."""
+        seconds = time.time() - self.started
+        return {"step": step, "tokens_seen": step * self.p.batch_size * self.p.max_seq_length * self.processes,
+                "seconds": round(seconds, 1), "device_hours": seconds * self.processes / 3600,
+                "device": self.device, "processes": self.processes}
+
+    def save(self, model: SparseMLM, pct: int, step: int) -> None:
+        if self.main_process:
+            with atomic_path(self.root / str(pct)) as tmp:
+                model.mlm.save_pretrained(tmp)
+                self.tok.save_pretrained(tmp)
+                write_json(tmp / "snapshot.json", {"percent": pct, "reached": True, **self.compute(step)})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        pct = self.p.snapshot_steps().get(state.global_step)
+        if pct is not None:
+            self.save(model, pct, state.global_step)
+        return control
+
+    def finish(self, final: Path, final_step: int) -> None:
+        """Snapshots a run that stopped early never reached get its final model, marked `reached: false`."""
+        for step, pct in self.p.snapshot_steps().items():
+            if self.main_process and not (self.root / str(pct)).exists():
+                with atomic_path(self.root / str(pct)) as tmp:
+                    shutil.copytree(final, tmp)
+                    write_json(tmp / "snapshot.json", {"percent": pct, "reached": False, **self.compute(final_step)})
+
+
 def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float, seed: int,
                   save: bool) -> TrainingArguments:
     """Trainer settings shared by both phases; bf16, fused AdamW and pinned memory where there is a GPU."""
@@ -259,7 +310,7 @@ def resumable(folder: Path) -> str | None:
 
 def clear_run_state(work: Path) -> None:
     """Forget a run's checkpoints and best models; the token cache (`blocks/`) stays."""
-    for part in ("trainer", "best", "warmup"):
+    for part in ("trainer", "best", "warmup", "snapshots"):
         shutil.rmtree(work / part, ignore_errors=True)
 
 
@@ -344,13 +395,16 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 
         # train: evaluate first, so the unadapted model is the baseline and the first admissible checkpoint
         stopping = DomainGeneralStopping(p, eval_sets, work / "best", tok, p.head_warmup_steps, main)
+        snapshots = Snapshots(p, work / "snapshots", tok, state.num_processes, started, main)
         if resume:
             stopping.restore(Path(resume))
         else:
             stopping.evaluate_and_decide(model.to(args.device), p.head_warmup_steps)
+            if 0 in p.snapshot_steps():
+                snapshots.save(model, p.snapshot_steps()[0], 0)
         # another seed than the warm-up's: the same one would replay its blocks in the same order with the same masks
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                          callbacks=[EpochSetter(train_dataset), stopping, *loggers])
+                          callbacks=[EpochSetter(train_dataset), stopping, snapshots, *loggers])
         steps = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
         # a run killed after its last step (or its stop) is done: training on would add a step the
         # uninterrupted run never took
@@ -363,6 +417,12 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         # save: the best admissible checkpoint becomes the output in one step, so a crash leaves none
         with atomic_path(paths.model_dir(variant)) as tmp:
             shutil.copytree(stopping.best_dir, tmp)
+        snapshots.finish(stopping.best_dir, stopping.best["step"] - p.head_warmup_steps)
+        with atomic_path(paths.snapshot_dir(variant, 0).parent) as tmp:
+            shutil.copytree(work / "snapshots", tmp) if p.snapshots else tmp.mkdir()
+            # the curve's index, and a file in the folder even without snapshots (DVC tracks the folder)
+            write_json(tmp / "snapshots.json", {str(pct): json.loads((tmp / str(pct) / "snapshot.json").read_text())
+                                                for pct in p.snapshots})
         first, best, last = stopping.history[0], stopping.best, stopping.history[-1]
         metrics = {
             "stop_reason": stopping.stop_reason,
@@ -371,6 +431,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             "train_blocks": len(train_blocks),
             "tokens_seen": steps * p.batch_size * p.max_seq_length * state.num_processes,
             "seconds": round(time.time() - started, 1),
+            "device_hours": (time.time() - started) * state.num_processes / 3600,
+            "device": snapshots.device,
             **{f"{k}_start": v for k, v in first.items() if k != "step"},
             **{f"{k}_best": v for k, v in best.items() if k != "step"},
             **{f"{k}_end": v for k, v in last.items() if k != "step"},

@@ -131,7 +131,7 @@ def test_modernbert_head_is_found_and_sparse_loss_matches():
 def test_stage_trains_and_reports(project, family, request):
     prepare(Path("."), project, request.getfixturevalue(family))
     start = AutoModelForMaskedLM.from_pretrained(project.init_dir("domain"))
-    run(P, project, "domain")
+    run(P.model_copy(update={"snapshots": [0, 50]}), project, "domain")
     metrics = json.loads((project.metrics / "pretrain_domain.json").read_text())
     # the validation text is the training text: a working loop must beat its starting point
     assert metrics["best_step"] > 0 and metrics["domain_loss_best"] < metrics["domain_loss_start"]
@@ -139,8 +139,35 @@ def test_stage_trains_and_reports(project, family, request):
     curve = (project.metrics / "pretrain_domain_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,domain_loss,") and len(curve) == 1 + 1 + P.max_steps // P.eval_steps
     trained = AutoModelForMaskedLM.from_pretrained(project.model_dir("domain"))
-    assert not torch.equal(trained.base_model.encoder.layer[0].attention.self.query.weight,
-                           start.base_model.encoder.layer[0].attention.self.query.weight)
+    query = lambda m: m.base_model.encoder.layer[0].attention.self.query.weight  # noqa: E731
+    assert not torch.equal(query(trained), query(start))
+    # the adaptation curve's snapshots: before any DAPT step, and halfway, each with its compute
+    index = json.loads((project.snapshot_dir("domain", 0).parent / "snapshots.json").read_text())
+    assert [(k, v["step"], v["reached"]) for k, v in index.items()] == [("0", 0, True), ("50", 3, True)]
+    assert index["50"]["tokens_seen"] == 3 * P.batch_size * P.max_seq_length and index["50"]["device_hours"] > 0
+    at0, at50 = (AutoModelForMaskedLM.from_pretrained(project.snapshot_dir("domain", pct)) for pct in (0, 50))
+    assert torch.equal(query(at0), query(start))
+    assert not torch.equal(query(at50), query(start)) and not torch.equal(query(at50), query(trained))
+    assert AutoTokenizer.from_pretrained(project.snapshot_dir("domain", 50))
+
+
+def test_snapshots_a_run_never_reached_get_its_final_model(tmp_path, tok):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_text("weights")
+    snaps = pretrain.Snapshots(P.model_copy(update={"snapshots": [0, 80]}), tmp_path / "snaps", tok, 1, time.time())
+    (tmp_path / "snaps" / "0").mkdir(parents=True)  # taken during training
+    snaps.finish(final, final_step=2)
+    info = json.loads((tmp_path / "snaps" / "80" / "snapshot.json").read_text())
+    assert info["reached"] is False and info["step"] == 2 and info["percent"] == 80
+    assert (tmp_path / "snaps" / "80" / "model.safetensors").read_text() == "weights"
+    assert not (tmp_path / "snaps" / "0" / "snapshot.json").exists()  # a snapshot taken is left alone
+
+
+def test_snapshot_percentages_are_validated():
+    with pytest.raises(ValueError, match="pretrain.snapshots"):
+        P.model_validate({**P.model_dump(), "snapshots": [0, 100]})
+    assert P.model_copy(update={"snapshots": [0, 25, 50]}).snapshot_steps() == {0: 0, 2: 25, 3: 50}
 
 
 def test_masking_never_selects_or_inserts_special_tokens(tok):
