@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # DVC runs each stage's `python -m stages.<name>` through the shell: the venv must come first on PATH
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run run-gpu test smoke flow serve mlflow-ui clean-venv
+.PHONY: install browser run run-gpu test smoke flow serve mlflow-ui clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(STAMP)
 run: install  ## the whole pipeline on the configured data (the built-in demo by default)
 	dvc repro
 	@echo
-	@echo "Report: $(CURDIR)/reports/comparison.md (plot: reports/comparison.png)"
+	@echo "Report: $(CURDIR)/reports/comparison.html (offline, figures inline; markdown: reports/comparison.md)"
 	@echo "Metrics: dvc metrics show | MLflow: make mlflow-ui"
 
 # the GPU profile: the same DAG as a DVC experiment at the scale where DAPT was measured to pay off
@@ -31,13 +31,21 @@ run: install  ## the whole pipeline on the configured data (the built-in demo by
 GPU_PARAMS := -S ingest.demo.max_per_licence=60 -S ingest.demo.max_train=4000 -S ingest.demo.max_dev=800 \
   -S pretrain.batch_size=64 -S pretrain.max_steps=4000 -S pretrain.head_warmup_steps=300 \
   -S pretrain.eval_steps=250 -S pretrain.save_steps=500 -S pretrain.max_eval_blocks=512 -S pretrain.patience=4 \
-  -S finetune.training.epochs=5 -S finetune.training.max_seq_length=128 -S 'finetune.seeds=[0,1,2,3,4]'
+  -S finetune.training.epochs=5 -S finetune.training.max_seq_length=128 -S 'finetune.seeds=[0,1,2,3,4]' \
+  -S 'pretrain.snapshots=[0,12,25,50]'
 
 run-gpu: install  ## the demo at GPU scale, as a DVC experiment (see README)
 	dvc exp run -n gpu-profile $(GPU_PARAMS)
 	@echo "Report: $(CURDIR)/reports/comparison.md; compare with: dvc exp show"
 
-test: install  ## unit, stage and end-to-end tests
+# the HTML report's test renders it in headless Chromium: Debian's package where apt can install it
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } \
+	  || echo "no Chromium (install chromium): the HTML report test will be skipped"
+
+test: install browser  ## unit, stage and end-to-end tests
 	python -m pytest
 
 smoke: install  ## the whole DAG on a tiny random BERT and small data, in a temporary copy

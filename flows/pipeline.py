@@ -2,8 +2,8 @@
 
 Each task runs `dvc repro --single-item <stage>` (so DVC still decides what is up to date) and streams the
 stage's output into the Prefect log. Tasks run one after another: DVC allows one process per workspace.
-The flow opens an MLflow parent run; every stage's run becomes its child. The comparison report becomes a
-Prefect markdown artifact.
+The flow opens an MLflow parent run; every stage's run becomes its child. The comparison report (verdict and
+tables) becomes a Prefect markdown artifact.
 
 Run once:   python -m flows.pipeline            (or `dapt-flow`)
 Schedule:   python -m flows.pipeline --serve    (a deployment on `pipeline.cron` from params.yaml;
@@ -99,8 +99,9 @@ def pipeline(root: str = str(ROOT)) -> list[str]:
             run_stage.with_options(name=stage.split("@")[0], task_run_name=stage)(stage, root, env)
     report = root_path / "reports" / "comparison.md"
     if report.exists():
-        create_markdown_artifact(key="dapt-comparison", markdown=report.read_text(encoding="utf-8"),
-                                 description="General vs domain-adapted model")
+        # the verdict and the tables; the figures are local files the Prefect UI cannot show (comparison.html has them)
+        text = "\n".join(line for line in report.read_text(encoding="utf-8").splitlines() if not line.startswith("!["))
+        create_markdown_artifact(key="dapt-comparison", markdown=text, description="General vs domain-adapted model")
     return stages
 
 

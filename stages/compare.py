@@ -1,9 +1,17 @@
-"""compare: did domain-adaptive pretraining help? General vs domain over seeds, with a TF-IDF reference.
+"""compare: did domain-adaptive pretraining help, by how much, and at what cost?
 
-Reads every `finetune` run named in params (variants x seeds), reports mean +- std per variant, the paired
-per-seed difference domain - general (and domain - domain_novocab: the vocabulary's share), a TF-IDF + logistic-regression baseline trained on the same split,
-and the pretraining and tokenizer numbers that explain the result. Writes `reports/comparison.md`,
-`reports/comparison.png` and `metrics/compare.json`.
+Reads every `finetune` run named in params (variants x seeds) and the adaptation curve's runs
+(`finetune_curve`: the domain model's pretraining snapshots), and reports:
+- mean +- std per variant over seeds, the paired per-seed differences, and a paired bootstrap over test
+  examples for domain - general (the verdict, the report's first line) and domain - domain_novocab;
+- a TF-IDF + logistic-regression reference trained on the same split (sequence classification);
+- the forgetting probe: general-text MLM loss and perplexity of the general and the adapted models;
+- the adaptation curve: downstream score against DAPT tokens and device-hours, and whether the last stretch
+  of DAPT still paid;
+- the pretraining and tokenizer numbers that explain the result.
+Writes `reports/comparison.md`, the self-contained `reports/comparison.html`, PNG figures in
+`reports/figures/`, `metrics/compare.json` and `metrics/adaptation_curve.csv`; in MLflow, the stage's run is
+the comparison's parent and every fine-tuning run it compares is a child, tagged variant and seed.
 
 Run: `dvc repro compare` (or `python -m stages.compare`).
 """
@@ -15,24 +23,24 @@ import json
 import statistics
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import numpy as np
+from pydantic import Field
+from scipy import stats
+from seqeval.metrics.sequence_labeling import get_entities
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix
+from sklearn.pipeline import make_pipeline
 
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-from pydantic import Field  # noqa: E402
-from scipy import stats  # noqa: E402
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
-
-from stages import tracking  # noqa: E402
+from stages import report, tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_logging, write_json, write_text  # noqa: E402
-from stages.finetune import FinetuneParams, scores  # noqa: E402
+    setup_logging, write_json, write_text
+from stages.finetune import FinetuneParams, run_name, scores
+from stages.pretrain import PretrainParams
 
-METRICS = ("test_macro_f1", "test_accuracy")
+METRICS = report.METRICS
+Counts = tuple[np.ndarray, np.ndarray, np.ndarray]  # per example x class: true positives, true, predicted
 
 
 class CompareParams(Section):
@@ -43,7 +51,7 @@ class CompareParams(Section):
 
 
 # ---------------------------------------------------------------------------------------------------
-# pure helpers
+# statistics
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -72,38 +80,54 @@ def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: 
     return out
 
 
-def macro_f1_resampled(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
-    """Macro-F1 of each bootstrap resample, given as example counts (`weights`, resamples x examples).
+def class_counts(labels: list[str], preds: list[str], classes: list[str]) -> Counts:
+    """Sequence classification: one-hot true positives, true and predicted class per example."""
+    index = {c: i for i, c in enumerate(classes)}
+    true = np.eye(len(classes))[[index[c] for c in labels]]
+    pred = np.eye(len(classes))[[index[c] for c in preds]]
+    return true * pred, true, pred
 
-    Matches scikit-learn's macro average: classes absent from both the labels and the predictions of a resample
-    do not count."""
-    true = np.eye(n_classes)[y_true]  # examples x classes
-    pred = np.eye(n_classes)[y_pred]
-    tp, n_true, n_pred = weights @ (true * pred), weights @ true, weights @ pred
+
+def entity_counts(tags: list[list[str]], preds: list[list[str]], types: list[str]) -> Counts:
+    """Token classification: per sentence and entity type, exactly matched, gold and predicted entities
+    (seqeval's spans, so macro-F1 from these counts is seqeval's entity-level macro-F1)."""
+    index = {t: i for i, t in enumerate(types)}
+    tp, true, pred = (np.zeros((len(tags), len(types))) for _ in range(3))
+    for i, (gold, guess) in enumerate(zip(tags, preds, strict=True)):
+        g, p = set(get_entities(gold)), set(get_entities(guess))
+        for kind, *_ in g:
+            true[i, index[kind]] += 1
+        for kind, *_ in p:
+            pred[i, index[kind]] += 1
+        for kind, *_ in g & p:
+            tp[i, index[kind]] += 1
+    return tp, true, pred
+
+
+def macro_f1_resampled(counts: Counts, weights: np.ndarray) -> np.ndarray:
+    """Macro-F1 of each resample, given as example counts (`weights`, resamples x examples).
+
+    Matches scikit-learn's and seqeval's macro average: classes absent from both the labels and the
+    predictions of a resample do not count."""
+    tp, n_true, n_pred = (weights @ c for c in counts)
     present = (n_true + n_pred) > 0
     f1 = np.divide(2 * tp, n_true + n_pred, out=np.zeros_like(tp), where=present)
-    return (f1 * present).sum(1) / present.sum(1)
+    return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
-def paired_bootstrap(labels: list[str], preds_a: list[list[str]], preds_b: list[list[str]], resamples: int,
-                     seed: int) -> dict[str, float]:
+def paired_bootstrap(counts_a: list[Counts], counts_b: list[Counts], resamples: int, seed: int) -> dict[str, float]:
     """Macro-F1 of a - b (averaged over seeds) with a 95% percentile interval and a two-sided p-value from
     resampling test examples with replacement; the same resample for every seed and both variants (paired)."""
-    classes = sorted(set(labels) | {p for ps in (*preds_a, *preds_b) for p in ps})
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[c] for c in labels])
+    n = len(counts_a[0][0])
     rng = np.random.default_rng(seed)
-    weights = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=resamples).astype(float)
-    full = np.ones((1, len(y)))
-    diff = np.zeros(resamples)
-    observed = 0.0
-    for pa, pb in zip(preds_a, preds_b, strict=True):
-        a, b = np.array([index[c] for c in pa]), np.array([index[c] for c in pb])
-        diff += macro_f1_resampled(y, a, weights, len(classes)) - macro_f1_resampled(y, b, weights, len(classes))
-        observed += float(macro_f1_resampled(y, a, full, len(classes))[0]
-                          - macro_f1_resampled(y, b, full, len(classes))[0])
-    diff /= len(preds_a)
-    observed /= len(preds_a)
+    weights = rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
+    full = np.ones((1, n))
+    diff, observed = np.zeros(resamples), 0.0
+    for a, b in zip(counts_a, counts_b, strict=True):
+        diff += macro_f1_resampled(a, weights) - macro_f1_resampled(b, weights)
+        observed += float(macro_f1_resampled(a, full)[0] - macro_f1_resampled(b, full)[0])
+    diff /= len(counts_a)
+    observed /= len(counts_a)
     p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
     return {"mean": observed, "ci_low": float(np.percentile(diff, 2.5)), "ci_high": float(np.percentile(diff, 97.5)),
             "p_value": float(p), "resamples": resamples}
@@ -114,12 +138,22 @@ def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
     stated), with the effect size and its interval, or not a result."""
     mean, n = diff["mean"], diff["n"]
     stats_text = (f"domain - general macro-F1 = {mean:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f}, "
-                  f"{diff.get('method', 'paired t-test')} p = {diff['p_value']:.3f}, domain better in "
+                  f"{diff.get('method', 'paired t-test')} {report.fmt_p(diff['p_value'])}, domain better in "
                   f"{diff['wins']}/{n} seeds)")
     if n < 2 or diff["p_value"] >= alpha:
         return f"No significant difference between the domain-adapted and the general model: {stats_text}."
     word = "better" if mean > 0 else "worse"
     return f"The domain-adapted model is significantly {word}: {stats_text}."
+
+
+def slope_verdict(before: str, after: str, d: dict, alpha: float = 0.05) -> str:
+    """What the last stretch of the adaptation curve says about more DAPT."""
+    text = f"From {before} to {after} of DAPT, macro-F1 changed by {d['mean']:+.3f} ({report.fmt_ci(d)}, {report.fmt_p(d['p_value'])})"
+    if d["p_value"] < alpha and d["mean"] > 0:
+        return f"{text}: still rising at the end, so more DAPT is likely to pay."
+    if d["p_value"] < alpha:
+        return f"{text}: falling at the end; more DAPT of this kind is unlikely to help."
+    return f"{text}: not distinguishable from no change, so this curve gives no evidence that more DAPT would pay."
 
 
 def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dict[str, float]:
@@ -135,119 +169,191 @@ def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dic
     return {f"test_{k}": v for k, v in scores([index[ex["label"]] for ex in test], [index[y] for y in pred]).items()}
 
 
-def plot(summary: dict, runs: dict[str, dict[int, dict]], tfidf: dict[str, float], path: Path) -> None:
-    """Bars (mean +- std) per variant with each seed as a dot; the TF-IDF score as a dashed line."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
-    variants = list(summary)
-    for ax, metric in zip(axes, METRICS, strict=True):
-        means = [summary[v][metric]["mean"] for v in variants]
-        stds = [summary[v][metric]["std"] for v in variants]
-        ax.bar(variants, means, yerr=stds, capsize=6, color=["#8da0cb", "#fc8d62", "#66c2a5"][: len(variants)])
-        for i, v in enumerate(variants):
-            ys = [r[metric] for r in runs[v].values()]
-            ax.scatter([i] * len(ys), ys, color="black", s=12, zorder=3)
-        ax.axhline(tfidf[metric], linestyle="--", color="grey", label="TF-IDF + LR")
-        ax.set_title(metric.replace("test_", "test ").replace("_", "-"))
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+# ---------------------------------------------------------------------------------------------------
+# reading the runs
 
 
-def report(summary: dict, diff: dict, tfidf: dict, extra: dict[str, dict], vocab: dict | None = None,
-           seed_test: dict | None = None) -> str:
-    """The markdown report: verdict first, then the table, then what explains it.
+def load_runs(paths: Paths, variants: list[str], seeds: list[int], at: int | None = None) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> the fine-tuning run's metrics.json."""
+    return {v: {s: json.loads((paths.finetune / run_name(v, s, at) / "metrics.json").read_text()) for s in seeds}
+            for v in variants}
 
-    `extra`: `pretrain_<variant>` and `adapt_tokenizer` metrics; `vocab`: domain - domain_novocab, when run.
-    """
-    lines = ["# General vs domain-adapted model\n", f"**{verdict(diff)}**\n"]
-    pre = extra.get("pretrain_domain")
-    if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
-        lines.append(f"Pretraining hit its step limit ({pre['steps']} steps) with domain validation loss still "
-                     "falling: this measures a short adaptation, not a converged one.\n")
-    lines += ["| variant | seeds | test macro-F1 | test accuracy |", "|---|---|---|---|"]
-    for v, s in summary.items():
-        f1, acc = s["test_macro_f1"], s["test_accuracy"]
-        lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
-    lines.append(f"| TF-IDF + LR (reference) | - | {tfidf['test_macro_f1']:.3f} | {tfidf['test_accuracy']:.3f} |")
-    if seed_test is not None and seed_test is not diff:
-        lines += ["", f"Over seeds alone (paired t-test on the {seed_test['n']} per-seed differences): 95% CI "
-                  f"{seed_test['ci_low']:+.3f} to {seed_test['ci_high']:+.3f}, p = {seed_test['p_value']:.3f}."]
-    lines += ["", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
-              "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", ""]
-    if vocab:
-        lines += [f"Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): macro-F1 "
-                  f"{vocab['mean']:+.3f} (95% CI {vocab['ci_low']:+.3f} to {vocab['ci_high']:+.3f}, paired t-test "
-                  f"p = {vocab['p_value']:.2f}, domain better in {vocab['wins']}/{vocab['n']} seeds).", ""]
-    lines += ["![comparison](comparison.png)", ""]
-    pretrained = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
-    if pretrained:
-        lines += ["## Continued pretraining", "",
-                  "| variant | steps | stopped | best step | tokens seen | seconds | validation | loss start | best | end |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for v, m in pretrained.items():
-            for name in ("domain", "general"):
-                lines.append(f"| {v} | {m['steps']} | {m['stop_reason']} | {m['best_step']} | {m['tokens_seen']:,} | "
-                             f"{m['seconds']:.0f} | {name} | {m[f'{name}_loss_start']:.3f} | "
-                             f"{m[f'{name}_loss_best']:.3f} | {m[f'{name}_loss_end']:.3f} |")
-        lines.append("")
-    tok = extra.get("adapt_tokenizer")
-    if tok:
-        lines += ["## Tokenizer", "", f"{tok['new_tokens']} domain tokens added (vocabulary {tok['base_vocab_size']} -> "
-                  f"{tok['vocab_size']}).", "", "| text | tokens/word before | after | words in 3+ pieces before | after |",
-                  "|---|---|---|---|---|"]
-        for name in ("domain", "general"):
-            lines.append(f"| {name} | {tok[f'{name}_tokens_per_word_before']:.3f} | {tok[f'{name}_tokens_per_word_after']:.3f}"
-                         f" | {tok[f'{name}_split_3plus_before']:.1%} | {tok[f'{name}_split_3plus_after']:.1%} |")
-        lines.append("")
-    new = extra.get("new_tokens")
-    if new:
-        lines += [f"The {min(len(new), 20)} new tokens that save the most (all in `new_tokens.tsv`): " + ", ".join(
-            f"`{r['token']}` ({int(r['frequency']):,}x, {r['base_pieces']} pieces before)" for r in new[:20]) + ".", ""]
-    return "\n".join(lines)
+
+def load_predictions(paths: Paths, name: str) -> list[dict]:
+    return read_jsonl(paths.finetune / name / "predictions.jsonl")
+
+
+def task_kind(runs: dict[str, dict[int, dict]]) -> str:
+    """sequence_classification or token_classification, as the fine-tuning runs recorded it."""
+    kinds = {m.get("task", "sequence_classification") for by_seed in runs.values() for m in by_seed.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"compare: the fine-tuning runs are of different tasks: {sorted(kinds)}")
+    return kinds.pop()
+
+
+def counts_of(rows: list[dict], kind: str, classes: list[str]) -> Counts:
+    if kind == "token_classification":
+        return entity_counts([r["tags"] for r in rows], [r["pred"] for r in rows], classes)
+    return class_counts([r["label"] for r in rows], [r["pred"] for r in rows], classes)
+
+
+def classes_of(predictions: list[list[dict]], kind: str) -> list[str]:
+    """Every class (entity type, for token tasks) in the gold labels or any prediction."""
+    if kind == "token_classification":
+        return sorted({e[0] for rows in predictions for r in rows for key in ("tags", "pred")
+                       for e in get_entities(r[key])})
+    return sorted({r[key] for rows in predictions for r in rows for key in ("label", "pred")})
+
+
+def confusion(rows_by_seed: list[list[dict]], kind: str, labels: list[str]) -> np.ndarray:
+    """Confusion matrix summed over seeds; over word tags for token tasks."""
+    true_key = "tags" if kind == "token_classification" else "label"
+    flat = (lambda x: x) if kind == "token_classification" else (lambda x: [x])
+    y = [t for rows in rows_by_seed for r in rows for t in flat(r[true_key])]
+    p = [t for rows in rows_by_seed for r in rows for t in flat(r["pred"])]
+    return confusion_matrix(y, p, labels=labels)
+
+
+def forgetting_probe(extra: dict[str, dict]) -> list[dict]:
+    """General-text MLM loss of the general model and of each model before and after DAPT, from pretrain's
+    evaluations (fixed masks, so comparable). The general model is the base-vocabulary run's starting point."""
+    pre = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
+    if not pre:
+        return []
+    rows = []
+    if "domain_novocab" in pre:
+        rows.append({"name": "general model (base encoder and vocabulary)", "loss": pre["domain_novocab"]["general_loss_start"]})
+    if "domain" in pre:
+        rows.append({"name": "domain before DAPT (new vocabulary, step 0)", "loss": pre["domain"]["general_loss_start"]})
+    for v, m in pre.items():
+        rows.append({"name": f"{v} after DAPT (step {m['best_step']})", "loss": m["general_loss_best"]})
+    return rows
+
+
+def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: dict, pre: dict | None) -> list[dict]:
+    """One point per pretraining snapshot and the final domain model: macro-F1 over seeds, the compute behind
+    it, and the paired per-seed difference to the general model."""
+    points = []
+    for pct in sorted(snapshots):
+        by_seed = load_runs(paths, ["domain"], fp.seeds, at=pct)["domain"]
+        snap = by_seed[fp.seeds[0]]["snapshot"]
+        label = f"{pct}%" + ("" if snap.get("reached", True) else " (not reached: the final model)")
+        points.append({"label": label, "percent": pct, "name": run_name("domain", "{seed}", pct), "runs": by_seed,
+                       **{k: snap[k] for k in ("step", "tokens_seen", "device_hours", "device")}})
+    if pre is not None and "domain" in runs:
+        hours = pre.get("device_hours", pre["seconds"] / 3600)
+        points.append({"label": f"100% (saved: step {pre['best_step']})", "percent": 100, "name": "domain-{seed}",
+                       "runs": runs["domain"], "step": pre["steps"], "tokens_seen": pre["tokens_seen"],
+                       "device_hours": hours, "device": pre.get("device", "cpu")})
+    for p in points:
+        p.update(mean_std([r["test_macro_f1"] for r in p["runs"].values()]))
+        p["vs_general"] = paired_difference({"a": p["runs"], "general": runs["general"]}, "a", "general", "test_macro_f1")
+    return points
+
+
+def curve_csv(points: list[dict]) -> str:
+    rows = ["percent,step,tokens_seen,device_hours,macro_f1_mean,macro_f1_std,minus_general"]
+    rows += [f"{p['percent']},{p['step']},{p['tokens_seen']},{p['device_hours']:.6f},{p['mean']:.6f},{p['std']:.6f},"
+             f"{p['vs_general']['mean']:.6f}" for p in points]
+    return "\n".join(rows) + "\n"
+
+
+def log_children(fp: FinetuneParams, named_runs: dict[str, dict]) -> None:
+    """Every compared fine-tuning run as a child of this comparison's MLflow run, tagged variant and seed (and
+    dapt_percent for the curve), with its params and scores and a link to the run that trained it."""
+    experiment = mlflow.active_run().info.experiment_id
+    for name, m in named_runs.items():
+        tags = {"variant": m["variant"], "seed": str(m["seed"]), "stage": "finetune",
+                **({"dapt_percent": str(m["dapt_percent"])} if "dapt_percent" in m else {}),
+                **({"finetune_run_id": m["mlflow_run_id"]} if m.get("mlflow_run_id") else {})}
+        with mlflow.start_run(run_name=f"finetune-{name}", nested=True, tags=tags, experiment_id=experiment):
+            mlflow.log_params({**tracking.flatten(fp.training), "variant": m["variant"], "seed": m["seed"]})
+            tracking.log_metrics({k: v for k, v in m.items() if k.startswith(("test_", "dev_"))})
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
-def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
-    """Collect the fine-tuning runs, compute the statistics, write report, plot and metrics."""
+def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int] | None = None) -> None:
+    """Collect the fine-tuning runs, compute the statistics, write the reports, figures and metrics."""
+    snapshots = snapshots or []
+    figures = paths.reports / "figures"
     with tracking.stage_run("compare", p):
-        runs = {v: {s: json.loads((paths.finetune / f"{v}-{s}" / "metrics.json").read_text()) for s in fp.seeds}
-                for v in fp.variants}
-        summary = summarise(runs)
-        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "test")}
-        tfidf = tfidf_baseline(task["train"], task["test"], p)
-        diff = paired_difference(runs, "domain", "general", "test_macro_f1") if {"domain", "general"} <= set(runs) \
-            else paired_difference({"domain": {}, "general": {}}, "domain", "general", "test_macro_f1")
-        seed_test = diff
-        predictions = {(v, s): paths.finetune / f"{v}-{s}" / "predictions.jsonl" for v in runs for s in fp.seeds}
-        if {"domain", "general"} <= set(runs) and all(f.exists() for f in predictions.values()):
-            rows = {k: read_jsonl(f) for k, f in predictions.items()}
-            labels = [r["label"] for r in rows[("general", fp.seeds[0])]]
-            boot = paired_bootstrap(labels, [[r["pred"] for r in rows[("domain", s)]] for s in fp.seeds],
-                                    [[r["pred"] for r in rows[("general", s)]] for s in fp.seeds],
-                                    p.bootstrap_resamples, p.seed)
-            diff = {**diff, **boot, "method": f"paired bootstrap over {len(labels):,} test texts x {len(fp.seeds)} "
-                                              f"seeds,"}
-        vocab = paired_difference(runs, "domain", "domain_novocab", "test_macro_f1") \
-            if {"domain", "domain_novocab"} <= set(runs) else None
-        names = ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
+        # runs
+        if not {"general", "domain"} <= set(fp.variants):
+            raise ValueError(f"compare: finetune.variants must include general and domain, got {fp.variants}")
+        runs = load_runs(paths, fp.variants, fp.seeds)
+        kind = task_kind(runs)
+        token_task = kind == "token_classification"
+        preds = {(v, s): load_predictions(paths, run_name(v, s)) for v in runs for s in fp.seeds}
+        classes = classes_of(list(preds.values()), kind)
         extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
-                 for name in names if (paths.metrics / f"{name}.json").exists()}
+                 for name in ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
+                 if (paths.metrics / f"{name}.json").exists()}
         if (paths.reports / "new_tokens.tsv").exists():
             extra["new_tokens"] = list(csv.DictReader((paths.reports / "new_tokens.tsv").open(encoding="utf-8"),
                                                       delimiter="\t"))
 
-        plot(summary, runs, tfidf, paths.reports / "comparison.png")
-        text = report(summary, diff, tfidf, extra, vocab, seed_test)
+        # statistics: per variant, per seed, and over test examples
+        summary = summarise(runs)
+        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "test")}
+        tfidf = None if token_task else tfidf_baseline(task["train"], task["test"], p)
+
+        def compared(a: str, b: str) -> dict:
+            """a - b: per-seed t-test, with the paired bootstrap over test examples as the headline."""
+            seed_test = paired_difference(runs, a, b, "test_macro_f1")
+            boot = paired_bootstrap([counts_of(preds[(a, s)], kind, classes) for s in fp.seeds],
+                                    [counts_of(preds[(b, s)], kind, classes) for s in fp.seeds],
+                                    p.bootstrap_resamples, p.seed)
+            n = len(preds[(a, fp.seeds[0])])
+            return {**seed_test, **boot, "seed_test": seed_test,
+                    "method": f"paired bootstrap over {n:,} test {'sentences' if token_task else 'texts'} x "
+                              f"{len(fp.seeds)} seeds,"}
+
+        diff = compared("domain", "general")
+        vocab = compared("domain", "domain_novocab") if "domain_novocab" in runs else None
+        probe = forgetting_probe(extra)
+        points = curve_points(paths, fp, snapshots, runs, extra.get("pretrain_domain"))
+        slope = None
+        if len(points) >= 2:
+            last, before = points[-1], points[-2]
+            slope = {**paired_bootstrap(
+                [counts_of(load_predictions(paths, last["name"].format(seed=s)), kind, classes) for s in fp.seeds],
+                [counts_of(load_predictions(paths, before["name"].format(seed=s)), kind, classes) for s in fp.seeds],
+                p.bootstrap_resamples, p.seed)}
+            slope["text"] = slope_verdict(before["label"].split(" ")[0], last["label"].split(" ")[0], slope)
+
+        # figures
+        curves = {v: list(csv.DictReader((paths.metrics / f"pretrain_{v}_curve.csv").open()))
+                  for v in fp.variants if (paths.metrics / f"pretrain_{v}_curve.csv").exists()}
+        curves = {v: [{k: float(x) for k, x in row.items()} for row in rows] for v, rows in curves.items()}
+        labels = sorted({t for rows in preds.values() for r in rows
+                         for t in (r["tags"] + r["pred"] if token_task else [r["label"], r["pred"]])})
+        with atomic_path(figures) as tmp:
+            tmp.mkdir()
+            report.plot_scores(summary, runs, tfidf, tmp / "scores.png")
+            report.plot_confusions({v: confusion([preds[(v, s)] for s in fp.seeds], kind, labels) for v in runs},
+                                   labels, tmp / "confusion.png")
+            if points:
+                report.plot_curve(points, summary["general"]["test_macro_f1"], tmp / "adaptation_curve.png")
+            if curves:
+                report.plot_dapt_losses(curves, tmp / "dapt_loss.png")
+            if "adapt_tokenizer" in extra:
+                report.plot_fertility(extra["adapt_tokenizer"], tmp / "fertility.png")
+
+        # report
+        text = report.comparison_markdown(verdict(diff), summary, diff, tfidf, extra, vocab, probe, points, slope,
+                                          token_task)
         write_text(paths.reports / "comparison.md", text)
+        report.write_html(text, paths.reports, paths.reports / "comparison.html")
+        if points:
+            write_text(paths.metrics / "adaptation_curve.csv", curve_csv(points))
+
+        # metrics, and the comparison in MLflow: this run the parent, the fine-tuning runs its children
         metrics = {
             **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in METRICS
                for k in ("mean", "std")},
-            **{f"tfidf_{m.removeprefix('test_')}": v for m, v in tfidf.items()},
+            **({f"tfidf_{m.removeprefix('test_')}": v for m, v in tfidf.items()} if tfidf else {}),
             "domain_minus_general_macro_f1_mean": diff["mean"],
             "domain_minus_general_macro_f1_std": diff["std"],
             "domain_minus_general_p_value": diff["p_value"],
@@ -256,19 +362,29 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths) -> None:
             "domain_wins": diff["wins"],
             **({"domain_minus_novocab_macro_f1_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
                if vocab else {}),
+            **({"general_text_loss_general_model": probe[0]["loss"],
+                "general_text_loss_domain": extra["pretrain_domain"]["general_loss_best"]}
+               if probe and "pretrain_domain" in extra else {}),
+            **{f"curve_{pt['percent']}_macro_f1_mean": pt["mean"] for pt in points},
+            **({"curve_last_step_gain": slope["mean"], "curve_last_step_p_value": slope["p_value"]} if slope else {}),
             "seeds": len(fp.seeds),
         }
         write_json(paths.metrics / "compare.json", metrics)
         tracking.log_metrics(metrics)
-        mlflow.log_artifact(str(paths.reports / "comparison.md"))
-        mlflow.log_artifact(str(paths.reports / "comparison.png"))
+        for name in ("comparison.md", "comparison.html"):
+            mlflow.log_artifact(str(paths.reports / name))
+        mlflow.log_artifacts(str(figures), "figures")
+        log_children(fp, {**{run_name(v, s): m for v, by_seed in runs.items() for s, m in by_seed.items()},
+                          **{pt["name"].format(seed=s): m for pt in points if pt["percent"] < 100
+                             for s, m in pt["runs"].items()}})
         log.info("compare: %s", verdict(diff))
         print(text)
 
 
 def main() -> None:
     setup_logging()
-    run(load_params("compare", CompareParams), load_params("finetune", FinetuneParams), load_paths())
+    run(load_params("compare", CompareParams), load_params("finetune", FinetuneParams), load_paths(),
+        load_params("pretrain", PretrainParams).snapshots)
 
 
 if __name__ == "__main__":

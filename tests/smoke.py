@@ -30,7 +30,7 @@ SMOKE_PARAMS = {
     "clean": {"max_valid_docs": 40, "general_max_docs": 40},
     "adapt_tokenizer": {"max_new_tokens": 50, "min_frequency": 5, "domain_vocab_size": 2000},
     "pretrain": {"max_seq_length": 64, "batch_size": 8, "head_warmup_steps": 5, "max_steps": 20, "eval_steps": 10,
-                 "max_eval_blocks": 8},
+                 "max_eval_blocks": 8, "snapshots": [50]},
     "finetune": {"seeds": [0, 1], "training": {"epochs": 1, "max_seq_length": 64}},
 }
 # the project's files travel; its results (everything under a `paths:` folder) and local state do not

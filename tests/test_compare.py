@@ -5,10 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from stages.compare import CompareParams, macro_f1_resampled, paired_bootstrap, paired_difference, run, summarise, \
-    verdict
-from stages.finetune import FinetuneParams, TrainingParams
-from tests.conftest import write_jsonl
+from stages.compare import class_counts, entity_counts, macro_f1_resampled, paired_bootstrap, paired_difference, \
+    summarise, verdict
 
 
 def runs_of(general, domain):
@@ -45,64 +43,224 @@ def test_verdict_is_honest_about_noise():
     assert verdict(noisy).startswith("No significant difference")
 
 
-def test_stage_report_metrics_and_plot(project):
-    rows = [{"text": "mit licence permission is hereby granted", "label": "permissive"},
-            {"text": "gnu general public licence copyleft", "label": "copyleft"}] * 5
-    for split in ("train", "test"):
-        write_jsonl(project.task / f"{split}.jsonl", rows)
-    for v, scores in (("general", [0.5, 0.6]), ("domain", [0.7, 0.8]), ("domain_novocab", [0.65, 0.7])):
-        for seed, f in enumerate(scores):
-            out = project.finetune / f"{v}-{seed}"
-            out.mkdir(parents=True)
-            (out / "metrics.json").write_text(json.dumps({"test_macro_f1": f, "test_accuracy": f + 0.1}))
-    fp = FinetuneParams(variants=["general", "domain", "domain_novocab"], seeds=[0, 1], training=TrainingParams(
-        learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=8, warmup_ratio=0, weight_decay=0))
-    (project.metrics).mkdir()
-    (project.metrics / "pretrain_domain.json").write_text(json.dumps({
-        "stop_reason": "max_steps", "steps": 150, "best_step": 150, "tokens_seen": 1000, "seconds": 9.0,
-        **{f"{s}_loss_{w}": 5.0 for s in ("domain", "general") for w in ("start", "best", "end")}}))
-    (project.reports).mkdir()
-    (project.reports / "new_tokens.tsv").write_text("token\tfrequency\tbase_pieces\ttokens_saved\n"
-                                                    "licensor\t1270\t3\t2540\n")
-    run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0), fp, project)
-    report = (project.reports / "comparison.md").read_text()
-    assert "Pretraining hit its step limit (150 steps) with domain validation loss still falling" in report
-    # +0.2 on both seeds: no spread, so the difference is taken as exact
-    assert report.splitlines()[2].startswith("**The domain-adapted model is significantly better: domain - general "
-                                             "macro-F1 = +0.200")
-    assert "| general | 2 | 0.550 +- 0.071 |" in report
-    assert "Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): macro-F1 +0.075" \
-        in report
-    assert "`licensor` (1,270x, 3 pieces before)" in report
-    assert "| domain | 150 | max_steps | 150 | 1,000 | 9 | general | 5.000 |" in report
-    metrics = json.loads((project.metrics / "compare.json").read_text())
-    assert metrics["domain_macro_f1_mean"] == pytest.approx(0.75) and \
-        metrics["domain_minus_novocab_macro_f1_mean"] == pytest.approx(0.075) and metrics["tfidf_macro_f1"] == 1.0
-    assert (project.reports / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_resampled_macro_f1_matches_scikit_learn():
     from sklearn.metrics import f1_score
 
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 4, 300), rng.integers(0, 3, 300)  # class 3 is never predicted
-    ours = macro_f1_resampled(y, p, np.ones((1, 300)), 5)[0]  # class 4 appears nowhere: not counted
+    counts = class_counts([str(c) for c in y], [str(c) for c in p], [str(c) for c in range(5)])
+    ours = macro_f1_resampled(counts, np.ones((1, 300)))[0]  # class 4 appears nowhere: not counted
     assert ours == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
     weights = rng.multinomial(300, np.full(300, 1 / 300), size=3).astype(float)
-    for w, f1 in zip(weights, macro_f1_resampled(y, p, weights, 5), strict=True):
+    for w, f1 in zip(weights, macro_f1_resampled(counts, weights), strict=True):
         idx = np.repeat(np.arange(300), w.astype(int))
         assert f1 == pytest.approx(f1_score(y[idx], p[idx], average="macro", zero_division=0))
 
 
+def test_entity_counts_give_seqeval_macro_f1():
+    from seqeval.metrics import f1_score
+
+    gold = [["B-ORG", "I-ORG", "O", "B-LAW"], ["O", "B-PER", "O"], ["B-LAW", "I-LAW", "I-LAW"]]
+    pred = [["B-ORG", "O", "O", "B-LAW"], ["O", "B-PER", "B-ORG"], ["B-LAW", "I-LAW", "I-LAW"]]
+    counts = entity_counts(gold, pred, ["LAW", "ORG", "PER"])
+    assert counts[0].sum() == 3 and counts[1].sum() == 4 and counts[2].sum() == 5  # matched, gold, predicted
+    assert macro_f1_resampled(counts, np.ones((1, 3)))[0] == pytest.approx(f1_score(gold, pred, average="macro"))
+    twice = np.array([[2.0, 0.0, 1.0]])  # sentence 1 twice, sentence 2 dropped
+    idx = [0, 0, 2]
+    assert macro_f1_resampled(counts, twice)[0] == pytest.approx(
+        f1_score([gold[i] for i in idx], [pred[i] for i in idx], average="macro"))
+
+
 def test_paired_bootstrap_separates_signal_from_noise():
     labels = ["a", "b"] * 100
-    same = paired_bootstrap(labels, [labels[::-1]], [labels[::-1]], 500, 0)
+
+    def paired_bootstrap_of(y, preds_a, preds_b, resamples, seed):
+        return paired_bootstrap([class_counts(y, pa, ["a", "b"]) for pa in preds_a],
+                                [class_counts(y, pb, ["a", "b"]) for pb in preds_b], resamples, seed)
+    same = paired_bootstrap_of(labels, [labels[::-1]], [labels[::-1]], 500, 0)
     assert same["mean"] == 0 and same["ci_low"] == same["ci_high"] == 0 and same["p_value"] == 1
     flipped = ["b" if x == "a" else "a" for x in labels]
-    clear = paired_bootstrap(labels, [labels, labels], [flipped, flipped], 500, 0)
+    clear = paired_bootstrap_of(labels, [labels, labels], [flipped, flipped], 500, 0)
     assert clear["mean"] == 1 and clear["ci_low"] > 0.9 and clear["p_value"] == 0
     noisy = [x if i % 10 else ("b" if x == "a" else "a") for i, x in enumerate(labels)]  # 10% wrong
     other = list(noisy)  # two errors fixed, two new ones: as good, differently wrong
     other[0], other[10], other[1], other[2] = labels[0], labels[10], noisy[2], noisy[1]
-    close = paired_bootstrap(labels, [noisy], [other], 500, 0)
+    close = paired_bootstrap_of(labels, [noisy], [other], 500, 0)
     assert close["ci_low"] < 0 < close["ci_high"] and close["p_value"] > 0.05
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stage, on fabricated fine-tuning, pretraining and tokenizer results
+
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+
+import mlflow  # noqa: E402
+
+from stages.compare import CompareParams, run  # noqa: E402
+from stages.finetune import FinetuneParams, TrainingParams, run_name, scores  # noqa: E402
+from tests.conftest import write_jsonl  # noqa: E402
+
+SEEDS = [0, 1, 2]
+FP = FinetuneParams(variants=["general", "domain", "domain_novocab"], seeds=SEEDS, training=TrainingParams(
+    learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=8, warmup_ratio=0, weight_decay=0))
+CLASSES = ["copyleft", "permissive", "proprietary"]
+# share of test texts each model gets right: domain clearly better; the curve rises from 0% to 50% to 100%
+ACCURACY = {"general": 0.6, "domain": 0.9, "domain_novocab": 0.8, "domain-at0": 0.55, "domain-at50": 0.75}
+
+
+def fake_predictions(key: str, seed: int, gold: list[str]) -> list[str]:
+    rng = random.Random(f"{key}-{seed}")
+    return [y if rng.random() < ACCURACY[key] else CLASSES[(CLASSES.index(y) + 1) % 3] for y in gold]
+
+
+def write_run(project, name: str, metrics: dict, rows: list[dict]) -> None:
+    out = project.finetune / name
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    write_jsonl(out / "predictions.jsonl", rows)
+
+
+def fabricate(project) -> None:
+    """Everything compare reads: task, 3 variants x 3 seeds, a curve at 0% and 50%, pretrain and tokenizer."""
+    gold = [CLASSES[i % 3] for i in range(150)]
+    write_jsonl(project.task / "train.jsonl", [{"text": f"{y} licence text {i}", "label": y} for i, y in enumerate(gold)])
+    write_jsonl(project.task / "test.jsonl", [{"text": f"{y} licence text {i}", "label": y} for i, y in enumerate(gold)])
+    for key in ACCURACY:
+        variant, at = (key.split("-at")[0], int(key.split("-at")[1])) if "-at" in key else (key, None)
+        for seed in SEEDS:
+            pred = fake_predictions(key, seed, gold)
+            m = {f"test_{k}": v for k, v in scores([CLASSES.index(y) for y in gold],
+                                                    [CLASSES.index(y) for y in pred]).items()}
+            m.update(variant=variant, seed=seed, labels=CLASSES, dev_macro_f1=0.5, mlflow_run_id=None)
+            if at is not None:
+                m.update(dapt_percent=at, snapshot={"percent": at, "reached": True, "step": at * 2,
+                                                    "tokens_seen": at * 2 * 2048, "device_hours": at / 1000,
+                                                    "device": "cpu"})
+            write_run(project, run_name(variant, seed, at), m,
+                      [{"id": i, "label": y, "pred": p} for i, (y, p) in enumerate(zip(gold, pred))])
+    project.metrics.mkdir()
+    for v, general_end in (("domain", 5.5), ("domain_novocab", 5.4)):
+        (project.metrics / f"pretrain_{v}.json").write_text(json.dumps({
+            "stop_reason": "max_steps", "steps": 200, "best_step": 200, "tokens_seen": 409600, "seconds": 36.0,
+            "device_hours": 0.01, "device": "cpu", "domain_loss_start": 6.0, "domain_loss_best": 4.0,
+            "domain_loss_end": 4.0, "general_loss_start": 5.0 + (v == "domain") * 0.1, "general_loss_best": general_end,
+            "general_loss_end": general_end}))
+        (project.metrics / f"pretrain_{v}_curve.csv").write_text(
+            "step,domain_loss,general_loss\n30,6.0,5.0\n130,5.0,5.2\n230,4.0,5.5\n")
+    (project.metrics / "adapt_tokenizer.json").write_text(json.dumps({
+        "new_tokens": 2, "base_vocab_size": 100, "vocab_size": 102, **{f"{t}_{k}_{w}": 1.2 - 0.1 * (w == "after")
+                                                                      for t in ("domain", "general")
+                                                                      for k in ("tokens_per_word", "split_3plus")
+                                                                      for w in ("before", "after")}}))
+    project.reports.mkdir()
+    (project.reports / "new_tokens.tsv").write_text("token\tfrequency\tbase_pieces\ttokens_saved\n"
+                                                    "licensor\t1270\t3\t2540\n")
+
+
+def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
+    fabricate(project)
+    run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=500), FP, project, [0, 50])
+    report = (project.reports / "comparison.md").read_text()
+    lines = report.splitlines()
+    assert lines[2].startswith("**The domain-adapted model is significantly better: domain - general macro-F1 = +0.")
+    assert "paired bootstrap over 150 test texts x 3 seeds" in lines[2]
+    assert "Pretraining hit its step limit (200 steps)" in report
+    general = [json.loads((project.finetune / f"general-{s}" / "metrics.json").read_text())["test_macro_f1"]
+               for s in SEEDS]
+    assert f"| general | 3 | {sum(general) / 3:.3f} +- " in report and "| TF-IDF + LR (reference) | - |" in report
+    # forgetting probe: the general model is the base-vocabulary run's start
+    assert "| general model (base encoder and vocabulary) | 5.000 | 148.4 | - |" in report
+    assert "| domain after DAPT (step 200) | 5.500 | 244.7 | +0.500 (+10.0%) |" in report
+    # adaptation curve: two snapshots and the final model, with their compute; the last stretch still pays
+    assert "| 0% | 0 | 0 | 0 (cpu) |" in report and "| 50% | 100 | 204,800 | 0.05 (cpu) |" in report
+    assert "| 100% (saved: step 200) | 200 | 409,600 | 0.01 (cpu) |" in report
+    assert "From 50% to 100% of DAPT, macro-F1 changed by +0." in report and "still rising at the end" in report
+    assert "`licensor` (1,270x, 3 pieces before)" in report
+    for name in ("scores", "confusion", "adaptation_curve", "dapt_loss", "fertility"):
+        assert (project.reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+        assert f"(figures/{name}.png)" in report
+    metrics = json.loads((project.metrics / "compare.json").read_text())
+    assert metrics["domain_minus_general_ci_low"] > 0 and metrics["domain_minus_general_p_value"] < 0.05
+    assert metrics["general_text_loss_domain"] == 5.5 and metrics["curve_50_macro_f1_mean"] < \
+        metrics["domain_macro_f1_mean"]
+    curve = (project.metrics / "adaptation_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("percent,step,tokens_seen,device_hours,macro_f1_mean") and len(curve) == 4
+    # MLflow: the comparison is the parent of every fine-tuning run it compares
+    parent = mlflow.search_runs(experiment_names=["dapt"], filter_string="tags.stage = 'compare'",
+                                output_format="list")[0]
+    children = mlflow.search_runs(experiment_names=["dapt"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3 * 3 + 2 * 3
+    tagged = {(c.data.tags["variant"], c.data.tags["seed"], c.data.tags.get("dapt_percent")) for c in children}
+    assert ("domain", "2", None) in tagged and ("domain", "0", "50") in tagged and ("general", "1", None) in tagged
+    child = next(c for c in children if c.info.run_name == "finetune-general-0")
+    assert child.data.metrics["test_macro_f1"] == pytest.approx(general[0])
+    assert child.data.params["learning_rate"] == "0.0001"
+
+
+def test_html_report_renders_offline_in_headless_chromium(project, tmp_path):
+    """The HTML opens in a real browser with no network: the verdict, the table and every figure show."""
+    import os
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("no Chromium: `make install` installs Debian's chromium package")
+        pytest.skip("no Chromium on this machine")
+    from playwright.sync_api import sync_playwright
+
+    fabricate(project)
+    run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=200), FP, project, [0, 50])
+    html = (project.reports / "comparison.html").resolve()
+    moved = tmp_path / "elsewhere" / "report.html"  # self-contained: it must not need the figures folder
+    moved.parent.mkdir()
+    shutil.copy(html, moved)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(moved.as_uri(), wait_until="load")
+        assert page.locator("strong").first.inner_text().startswith("The domain-adapted model is significantly better")
+        first_table = page.locator("table").first
+        assert first_table.is_visible() and "domain_novocab" in first_table.inner_text()
+        assert page.locator("table").count() >= 5  # scores, forgetting, curve, pretraining, tokenizer
+        images = page.locator("img")
+        assert images.count() == 5
+        for i in range(images.count()):
+            img = images.nth(i)
+            img.scroll_into_view_if_needed()
+            assert img.is_visible() and img.evaluate("e => e.complete && e.naturalWidth > 100"), i
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert requests == [moved.as_uri()]  # nothing fetched but the page itself
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_stage_on_a_token_classification_task(project):
+    gold = [["B-LAW", "I-LAW", "O", "B-ORG"], ["O", "B-ORG", "O"], ["B-LAW", "O", "O"]] * 20
+    write_jsonl(project.task / "train.jsonl", [{"tokens": ["x"] * len(t), "tags": t, "text": "x"} for t in gold])
+    write_jsonl(project.task / "test.jsonl", [{"tokens": ["x"] * len(t), "tags": t, "text": "x"} for t in gold])
+    from seqeval.metrics import f1_score
+
+    fp = FP.model_copy(update={"variants": ["general", "domain"], "seeds": [0, 1]})
+    for variant, miss in (("general", 3), ("domain", 7)):  # every `miss`-th sentence loses its last entity
+        for seed in fp.seeds:
+            pred = [t[:-1] + ["O"] if (i + seed) % miss == 0 else t for i, t in enumerate(gold)]
+            m = {"task": "token_classification", "variant": variant, "seed": seed,
+                 "test_macro_f1": f1_score(gold, pred, average="macro"), "test_accuracy": 0.9}
+            write_run(project, f"{variant}-{seed}", m, [{"id": i, "tags": g, "pred": p}
+                                                        for i, (g, p) in enumerate(zip(gold, pred))])
+    run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=300), fp, project, [])
+    report = (project.reports / "comparison.md").read_text()
+    assert "| variant | seeds | test entity macro-F1 | test token accuracy |" in report
+    assert "No TF-IDF reference" in report and "test sentences" in report
+    metrics = json.loads((project.metrics / "compare.json").read_text())
+    expected = sum(json.loads((project.finetune / f"{v}-{s}" / "metrics.json").read_text())["test_macro_f1"]
+                   * (1 if v == "domain" else -1) for v in ("domain", "general") for s in fp.seeds) / 2
+    assert metrics["domain_minus_general_macro_f1_mean"] == pytest.approx(expected)
+    assert "tfidf_macro_f1" not in metrics and not math.isnan(metrics["domain_minus_general_ci_low"])
+    assert (project.reports / "figures" / "confusion.png").exists()

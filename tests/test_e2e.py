@@ -42,7 +42,8 @@ def test_outputs(finished):
     ws, stages = finished
     seeds = SMOKE_PARAMS["finetune"]["seeds"]
     assert stages[0] == "ingest" and stages[-1] == "compare"
-    assert len(stages) == 4 + len(PRETRAINED) + len(VARIANTS) * len(seeds)
+    snapshots = SMOKE_PARAMS["pretrain"]["snapshots"]
+    assert len(stages) == 4 + len(PRETRAINED) + (len(VARIANTS) + len(snapshots)) * len(seeds)
     for variant in VARIANTS:
         for seed in seeds:
             m = json.loads((ws / "results/finetune" / f"{variant}-{seed}" / "metrics.json").read_text())
@@ -51,7 +52,12 @@ def test_outputs(finished):
     assert compare["seeds"] == len(seeds) and 0 <= compare["domain_macro_f1_mean"] <= 1
     report = (ws / "reports/comparison.md").read_text()
     assert report.startswith("# General vs domain-adapted model") and "| TF-IDF + LR (reference) |" in report
-    assert (ws / "reports/comparison.png").stat().st_size > 1000
+    for figure in ("scores", "confusion", "adaptation_curve", "dapt_loss", "fertility"):
+        assert (ws / "reports/figures" / f"{figure}.png").stat().st_size > 1000, figure
+    assert "## Adaptation curve" in report and "## Forgetting probe: general text" in report
+    assert (ws / "reports/comparison.html").read_text().count('src="data:image/png;base64,') == 5
+    curve = (ws / "metrics/adaptation_curve.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in curve[1:]] == [*map(str, snapshots), "100"]
     for variant in PRETRAINED:
         pretrain = json.loads((ws / f"metrics/pretrain_{variant}.json").read_text())
         assert pretrain["stop_reason"] in {"max_steps", "patience", "general_degradation"}
@@ -67,14 +73,19 @@ def test_mlflow_runs_are_children_of_the_flow_run(finished):
     runs = mlflow.search_runs(experiment_names=["dapt"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1
-    children = [r for r in runs if r is not parents[0]]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == len(stages)
     assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.tags["stage"] for r in children} == {s.split("@")[0] for s in stages}
     finetune = {(r.data.tags["variant"], int(r.data.tags["seed"])) for r in children
-                if r.data.tags["stage"] == "finetune"}
+                if r.data.tags["stage"] == "finetune" and "dapt_percent" not in r.data.tags}
     assert finetune == {(v, s) for v in VARIANTS for s in SMOKE_PARAMS["finetune"]["seeds"]}
+    # the comparison is the parent of every fine-tuning run it compares (the adaptation curve's too)
+    compare = next(r for r in children if r.data.tags["stage"] == "compare")
+    compared = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == compare.info.run_id]
+    assert len(compared) == sum(s.startswith("finetune") for s in stages)
+    assert all({"variant", "seed"} <= set(r.data.tags) and "test_macro_f1" in r.data.metrics for r in compared)
     assert {r.data.tags["variant"] for r in children if r.data.tags["stage"] == "pretrain"} == set(PRETRAINED)
     pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain"
                     and r.data.tags["variant"] == "domain")

@@ -19,8 +19,11 @@ def test_stage_order_follows_dvc_graph():
     order = flow_module.stage_order(ROOT)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     runs = {f"finetune@{v}-{s}" for v in params["finetune"]["variants"] for s in params["finetune"]["seeds"]}
+    curve = {f"finetune_curve@{at}-{s}" for at in params["pretrain"]["snapshots"] for s in params["finetune"]["seeds"]}
     pretrain = {f"pretrain@{v}" for v in params["pretrain"]["variants"]}
-    assert set(order) == {"ingest", "clean", "adapt_tokenizer", "compare"} | pretrain | runs
+    assert set(order) == {"ingest", "clean", "adapt_tokenizer", "compare"} | pretrain | runs | curve
+    assert all(pos_ < order.index("compare") and pos_ > order.index("pretrain@domain")
+               for pos_ in map(order.index, curve))
     pos = order.index
     assert pos("ingest") < pos("clean") < pos("adapt_tokenizer") < min(map(pos, pretrain))
     assert all(pos(f"pretrain@{r.split('@')[1].rsplit('-', 1)[0]}") < pos(r) < pos("compare")
@@ -43,7 +46,7 @@ def toy_repo(tmp_path, monkeypatch):
     (repo / "dvc.yaml").write_text(textwrap.dedent("""
         stages:
           second:
-            cmd: mkdir -p reports && (echo '# Toy report'; cat a.txt) > reports/comparison.md
+            cmd: mkdir -p reports && (echo '# Toy report'; echo '![plot](figures/x.png)'; cat a.txt) > reports/comparison.md
             deps: [a.txt]
             outs: [reports/comparison.md]
           first:
@@ -71,7 +74,7 @@ def test_flow_runs_each_stage_as_a_task_under_one_parent_run(toy_repo):
             artifacts = client.read_artifacts()
     assert sorted(t.name for t in tasks) == ["first", "second"]
     assert all(t.state.is_completed() for t in tasks)
-    assert any(a.key == "dapt-comparison" and "# Toy report" in a.data for a in artifacts)
+    assert any(a.key == "dapt-comparison" and "# Toy report" in a.data and "![plot]" not in a.data for a in artifacts)
 
     parent_id = (toy_repo / "a.txt").read_text().strip().removeprefix("parent=")
     run = mlflow.MlflowClient().get_run(parent_id)

@@ -1,0 +1,273 @@
+"""report: the comparison's figures, markdown and self-contained HTML, from numbers `compare` computed.
+
+Pure rendering: no statistics are computed here and nothing is read from disk except the figures the HTML
+embeds. Every figure is a PNG in `reports/figures/`; `comparison.md` links them and `comparison.html`
+carries them inline (base64), so the HTML opens offline, from an e-mail or an MLflow artifact view.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import markdown  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stages.common import atomic_path, write_text  # noqa: E402
+
+COLOURS = {"general": "#8da0cb", "domain": "#fc8d62", "domain_novocab": "#66c2a5"}
+METRICS = ("test_macro_f1", "test_accuracy")
+
+
+def save(fig, path: Path) -> None:
+    """A figure to PNG, atomically."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+
+
+def plot_scores(summary: dict, runs: dict[str, dict[int, dict]], reference: dict[str, float] | None, path: Path) -> None:
+    """Bars (mean +- std over seeds) per variant with each seed as a dot; the TF-IDF score as a dashed line."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
+    variants = list(summary)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        means = [summary[v][metric]["mean"] for v in variants]
+        stds = [summary[v][metric]["std"] for v in variants]
+        ax.bar(variants, means, yerr=stds, capsize=6, color=[COLOURS.get(v, "#bbbbbb") for v in variants])
+        for i, v in enumerate(variants):
+            ys = [r[metric] for r in runs[v].values()]
+            ax.scatter([i] * len(ys), ys, color="black", s=12, zorder=3)
+        if reference:
+            ax.axhline(reference[metric], linestyle="--", color="grey", label="TF-IDF + LR")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(metric.replace("test_", "test ").replace("_", "-") + " (mean +- std over seeds)")
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", labelsize=8)
+    save(fig, path)
+
+
+def plot_curve(points: list[dict], general: dict[str, float], path: Path) -> None:
+    """Downstream macro-F1 (mean +- std over seeds) against the tokens of DAPT behind each point; the general
+    model as a band. Each point is labelled with its share of the steps and its device-hours."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = [p["tokens_seen"] for p in points]
+    ax.errorbar(x, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=5,
+                color=COLOURS["domain"], label="domain model after DAPT")
+    for p in points:
+        ax.annotate(f"{p['label']}\n{p['device_hours']:.2g} device-h", (p["tokens_seen"], p["mean"]),
+                    textcoords="offset points", xytext=(0, 10), ha="center", fontsize=7)
+    ax.axhline(general["mean"], color=COLOURS["general"], label="general model")
+    ax.axhspan(general["mean"] - general["std"], general["mean"] + general["std"], color=COLOURS["general"], alpha=0.2)
+    ax.set_xlabel("DAPT tokens seen")
+    ax.set_ylabel("test macro-F1")
+    ax.set_title("Adaptation curve: does more DAPT pay?")
+    ax.legend(loc="lower right", fontsize=8)
+    save(fig, path)
+
+
+def plot_dapt_losses(curves: dict[str, list[dict]], path: Path) -> None:
+    """Validation MLM loss on domain and general text over pretraining steps, one line per variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, text in zip(axes, ("domain", "general"), strict=True):
+        for variant, rows in curves.items():
+            ax.plot([r["step"] for r in rows], [r[f"{text}_loss"] for r in rows], marker=".",
+                    color=COLOURS.get(variant), label=variant)
+        ax.set_title(f"{text} validation text")
+        ax.set_xlabel("step (head warm-up included)")
+        ax.set_ylabel("MLM loss")
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_confusions(matrices: dict[str, np.ndarray], classes: list[str], path: Path) -> None:
+    """Row-normalised confusion matrices (true class per row), predictions summed over seeds, one per variant."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices) + 1, 4.4), squeeze=False)
+    short = [c if len(c) <= 14 else c[:13] + "." for c in classes]
+    for ax, (variant, m) in zip(axes[0], matrices.items(), strict=True):
+        rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
+        for i, j in np.ndindex(rows.shape):
+            if m[i, j]:
+                ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if rows[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), short, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)), short if ax is axes[0][0] else [], fontsize=7)
+        ax.set_title(variant)
+        ax.set_xlabel("predicted")
+    axes[0][0].set_ylabel("true")
+    save(fig, path)
+
+
+def plot_fertility(tok: dict, path: Path) -> None:
+    """Tokens per word and the share of words split into 3+ pieces, before and after tokenizer adaptation."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    texts = ["domain", "general"]
+    for ax, (key, title) in zip(axes, (("tokens_per_word", "tokens per word"),
+                                       ("split_3plus", "words in 3+ pieces")), strict=True):
+        xs = np.arange(len(texts))
+        for offset, when in ((-0.2, "before"), (0.2, "after")):
+            ax.bar(xs + offset, [tok[f"{t}_{key}_{when}"] for t in texts], width=0.4, label=f"{when} adaptation",
+                   color="#bbbbbb" if when == "before" else COLOURS["domain"])
+        ax.set_xticks(xs, [f"{t} text" for t in texts])
+        ax.set_title(f"{title} (lower is better)")
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# text
+
+
+def fmt_p(p: float) -> str:
+    """A p-value as printed: a bootstrap's 0 means below its resolution, not zero."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def fmt_ci(d: dict, digits: int = 3) -> str:
+    return f"95% CI {d['ci_low']:+.{digits}f} to {d['ci_high']:+.{digits}f}"
+
+
+def scores_table(summary: dict, reference: dict | None, metric_names: tuple[str, str]) -> list[str]:
+    """Variant | seeds | mean +- std of both metrics; the TF-IDF reference as the last row."""
+    lines = [f"| variant | seeds | test {metric_names[0]} | test {metric_names[1]} |", "|---|---|---|---|"]
+    for v, s in summary.items():
+        f1, acc = s["test_macro_f1"], s["test_accuracy"]
+        lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
+    if reference:
+        lines.append(f"| TF-IDF + LR (reference) | - | {reference['test_macro_f1']:.3f} | "
+                     f"{reference['test_accuracy']:.3f} |")
+    return lines
+
+
+def forgetting_section(probe: list[dict], gain: float) -> list[str]:
+    """General-text MLM loss and perplexity before and after DAPT, beside the downstream gain."""
+    lines = ["## Forgetting probe: general text", "",
+             f"Downstream gain of the domain model: macro-F1 {gain:+.3f}. What DAPT did to general text, on the "
+             "held-out general validation set (the same masked positions for every model):", "",
+             "| model | general MLM loss | perplexity | vs the general model |", "|---|---|---|---|"]
+    base = probe[0]["loss"]
+    for row in probe:
+        change = "-" if row is probe[0] else f"{row['loss'] - base:+.3f} ({(row['loss'] / base - 1):+.1%})"
+        lines.append(f"| {row['name']} | {row['loss']:.3f} | {math.exp(min(row['loss'], 50)):,.1f} | {change} |")
+    lines += ["", "The general model is the base encoder with an MLM head trained alone for the head warm-up (the "
+              "base model may ship without one). Losses under the adapted tokenizer average over its own, slightly "
+              "different, tokens. A general loss that *falls* during DAPT means the head was still learning, not "
+              "that general text got easier: read it as no measurable forgetting.", ""]
+    return lines
+
+
+def curve_section(points: list[dict], general: dict, slope: dict | None, figure: str) -> list[str]:
+    """The adaptation curve: one row per point with its compute, and what the last step of the curve says."""
+    lines = ["## Adaptation curve", "",
+             "Fine-tuning from intermediate DAPT checkpoints, with the same settings and seeds as the table above.",
+             "", "| DAPT | step | tokens seen | device-hours | test macro-F1 | vs general (paired over seeds) |",
+             "|---|---|---|---|---|---|"]
+    for p in points:
+        vs = f"{p['vs_general']['mean']:+.3f} ({p['vs_general']['wins']}/{p['vs_general']['n']} seeds better)"
+        lines.append(f"| {p['label']} | {p['step']:,} | {p['tokens_seen']:,} | {p['device_hours']:.3g} ({p['device']}) "
+                     f"| {p['mean']:.3f} +- {p['std']:.3f} | {vs} |")
+    lines.append(f"| general model | - | - | - | {general['mean']:.3f} +- {general['std']:.3f} | - |")
+    if slope:
+        lines += ["", f"**{slope['text']}**"]
+    lines += ["", f"![adaptation curve]({figure})", ""]
+    return lines
+
+
+def comparison_markdown(verdict: str, summary: dict, diff: dict, tfidf: dict | None, extra: dict[str, dict],
+                        vocab: dict | None, probe: list[dict], points: list[dict], slope: dict | None,
+                        token_task: bool) -> str:
+    """The comparison report: verdict first, then the table, then what explains it.
+
+    `diff`: domain - general (bootstrap, with the per-seed test as `seed_test`); `extra`: `pretrain_<variant>`,
+    `adapt_tokenizer` and `new_tokens`; `vocab`: domain - domain_novocab, when run."""
+    names = ("entity macro-F1", "token accuracy") if token_task else ("macro-F1", "accuracy")
+    head = ["# General vs domain-adapted model\n", f"**{verdict}**\n"]
+    pre = extra.get("pretrain_domain")
+    if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
+        head.append(f"Pretraining hit its step limit ({pre['steps']} steps) with domain validation loss still "
+                    "falling: this measures a short adaptation, not a converged one.\n")
+    head += scores_table(summary, tfidf, names)
+    if token_task:
+        head += ["", "No TF-IDF reference: it is a sequence classifier. Entity macro-F1 is seqeval's, over entity "
+                 "types; token accuracy counts every word's tag."]
+    seed_test = diff["seed_test"]
+    head += ["", f"Over seeds alone (paired t-test on the {seed_test['n']} per-seed differences): "
+             f"{fmt_ci(seed_test)}, {fmt_p(seed_test['p_value'])}.",
+             "", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
+             "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", ""]
+    if vocab:
+        head += [f"Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): macro-F1 "
+                 f"{vocab['mean']:+.3f} ({fmt_ci(vocab)}, {vocab['method']} {fmt_p(vocab['p_value'])}, "
+                 f"domain better in {vocab['wins']}/{vocab['n']} seeds).", ""]
+    head += ["![scores per variant](figures/scores.png)", ""]
+
+    sections = []
+    if probe:
+        sections.append(forgetting_section(probe, diff["mean"]))
+    if points:
+        sections.append(curve_section(points, summary["general"]["test_macro_f1"], slope,
+                                             "figures/adaptation_curve.png"))
+    pretrained = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
+    if pretrained:
+        lines = ["## Continued pretraining", "",
+                 "| variant | steps | stopped | best step | tokens seen | seconds | validation | loss start | best | end |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for v, m in pretrained.items():
+            for name in ("domain", "general"):
+                lines.append(f"| {v} | {m['steps']} | {m['stop_reason']} | {m['best_step']} | {m['tokens_seen']:,} | "
+                             f"{m['seconds']:.0f} | {name} | {m[f'{name}_loss_start']:.3f} | "
+                             f"{m[f'{name}_loss_best']:.3f} | {m[f'{name}_loss_end']:.3f} |")
+        sections.append([*lines, "", "![DAPT validation loss](figures/dapt_loss.png)", ""])
+    sections.append(["## Errors", "", "Row-normalised confusion matrices, test predictions of every seed together"
+                     + (" (word tags)" if token_task else "") + ":", "", "![confusion matrices](figures/confusion.png)", ""])
+    tok = extra.get("adapt_tokenizer")
+    if tok:
+        lines = ["## Tokenizer", "", f"{tok['new_tokens']} domain tokens added (vocabulary {tok['base_vocab_size']} -> "
+                 f"{tok['vocab_size']}).", "", "| text | tokens/word before | after | words in 3+ pieces before | after |",
+                 "|---|---|---|---|---|"]
+        for name in ("domain", "general"):
+            lines.append(f"| {name} | {tok[f'{name}_tokens_per_word_before']:.3f} | {tok[f'{name}_tokens_per_word_after']:.3f}"
+                         f" | {tok[f'{name}_split_3plus_before']:.1%} | {tok[f'{name}_split_3plus_after']:.1%} |")
+        lines += ["", "![fertility](figures/fertility.png)", ""]
+        new = extra.get("new_tokens")
+        if new:
+            lines += [f"The {min(len(new), 20)} new tokens that save the most (all in `new_tokens.tsv`): " + ", ".join(
+                f"`{r['token']}` ({int(r['frequency']):,}x, {r['base_pieces']} pieces before)" for r in new[:20]) + ".",
+                ""]
+        sections.append(lines)
+    return "\n".join([*head, *(line for section in sections for line in section)]) + "\n"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}
+code{background:#f3f3f3;padding:0 3px}"""
+
+
+def html_report(md_text: str, base: Path, title: str = "General vs domain-adapted model") -> str:
+    """The markdown as one self-contained HTML page: every local image inlined as a data URI."""
+    body = markdown.markdown(md_text, extensions=["tables"])
+
+    def inline(match: re.Match) -> str:
+        src = base / match.group(1)
+        data = base64.b64encode(src.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def write_html(md_text: str, base: Path, path: Path) -> None:
+    write_text(path, html_report(md_text, base))
