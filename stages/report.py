@@ -162,9 +162,11 @@ def forgetting_section(probe: list[dict], gain: float) -> list[str]:
         lines.append(f"| {row['name']} | {row['loss']:.3f} | {math.exp(min(row['loss'], 50)):,.1f} | {change} |")
     lines += ["", "The general model is the base encoder with an MLM head trained alone for the head warm-up (the "
               "base model may ship without one). Losses under the adapted tokenizer average over its own, slightly "
-              "different, tokens. A general loss that *falls* during DAPT means the head was still learning, not "
-              "that general text got easier: read it as no measurable forgetting.", ""]
-    return lines
+              "different, tokens."]
+    if any(row["loss"] < base for row in probe if "after DAPT" in row["name"]):
+        lines[-1] += (" General loss *fell* during DAPT: the MLM head was still learning, which hides any "
+                      "forgetting of the encoder; read it as no measurable forgetting at this scale, not as a gain.")
+    return [*lines, ""]
 
 
 def curve_section(points: list[dict], general: dict, slope: dict | None, figure: str) -> list[str]:
