@@ -1,4 +1,5 @@
-"""file_source: read the user's own documents and labelled examples from .txt/.jsonl/.csv/.parquet files.
+"""file_source: read the user's own documents and labelled examples from .txt/.jsonl/.csv/.parquet files, and
+tagged sentences (token classification, e.g. NER) from CoNLL (.conll, .bio) or .jsonl files.
 
 `path` is a file or a directory; a directory contributes every supported file under it (recursively, in
 sorted order; other files are ignored). Each document gets an `id` of `<file>:<n>`, where `<file>` is the
@@ -6,7 +7,8 @@ path relative to the directory given (the bare name for a file) and `<n>` the 1-
 or data row (.csv, .parquet; the header is not a row).
 
 Empty or whitespace-only texts are skipped in every format (a blank .txt line, an empty cell); every other
-problem is an error that names the file and, where there is one, the line, row or column.
+problem is an error that names the file and, where there is one, the line, row or column. Tagged sentences
+are never skipped: an empty one is an error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from stages.common import log
 SUPPORTED = (".txt", ".jsonl", ".csv", ".parquet")
 TABULAR = (".jsonl", ".csv", ".parquet")  # formats with named columns, the only ones that can carry labels
 LINE_BASED = (".txt", ".jsonl")  # a record is a line, so errors and ids give line numbers; else data rows
+CONLL = (".conll", ".bio")  # one token a line, its tag in the last column, a blank line between sentences
+TAGGED = CONLL + (".jsonl",)  # formats that carry one tag per token
 _MISSING = object()  # a field absent from a record, told apart from an explicit null
 
 
@@ -104,16 +108,16 @@ def _records(path: Path, columns: list[str]) -> Iterator[tuple[int, dict]]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; supported: {', '.join(SUPPORTED)}")
 
 
-def input_files(path: Path) -> list[Path]:
-    """The file itself, or every supported file under a directory, sorted."""
+def input_files(path: Path, suffixes: tuple[str, ...] = SUPPORTED) -> list[Path]:
+    """The file itself, or every file with one of `suffixes` under a directory, sorted."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         return [path]
     # not `is_file()` alone: a broken link must fail loudly below, not vanish from the corpus
-    files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in SUPPORTED)
+    files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in suffixes)
     if not files:
-        raise ValueError(f"{path}: directory has no {', '.join(SUPPORTED)} files")
+        raise ValueError(f"{path}: directory has no {', '.join(suffixes)} files")
     return files
 
 
@@ -185,3 +189,85 @@ def read_labelled(path: Path, text_column: str, label_column: str) -> list[dict]
     Labels are returned as strings (`1` and `"1"` are the same class).
     """
     return _read(Path(path), text_column, label_column)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tagged sentences: one tag per token
+
+
+def _conll_sentences(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line of the first token, {"tokens", "tags"}) per sentence: token in the first column, tag in the last
+    (CoNLL-2003 puts POS and chunk tags in between), a blank line between sentences."""
+    start, tokens, tags = 0, [], []
+    for n, line in _decoded_lines(path):
+        columns = line.split()
+        if not columns or columns[0] == "-DOCSTART-":  # a document marker ends a sentence like a blank line
+            if tokens:
+                yield start, {"tokens": tokens, "tags": tags}
+            start, tokens, tags = 0, [], []
+            continue
+        if len(columns) < 2:
+            raise ValueError(f"{path}:{n}: expected a token and its tag separated by whitespace, got {line!r}")
+        start = start or n
+        tokens.append(columns[0])
+        tags.append(columns[-1])
+    if tokens:
+        yield start, {"tokens": tokens, "tags": tags}
+
+
+def _strings(record: dict, column: str, what: str, where: str) -> list[str]:
+    """A record's list of non-empty strings in `column` (tokens or tags); an error naming the offending item."""
+    value = _field(record, column, where)
+    if not isinstance(value, list):
+        shown = "missing (null)" if value is None else f"a {type(value).__name__}, not a list"
+        raise ValueError(f"{where}: {what} {column!r} is {shown}")
+    if not value:
+        raise ValueError(f"{where}: {what} {column!r} is empty")
+    for i, item in enumerate(value, 1):
+        if not isinstance(item, str):
+            # integer tags (class ids, as in the Hub's conll2003) have lost their names: the task needs them
+            raise ValueError(f"{where}: {what} {column!r} item {i} is a {type(item).__name__}, not a string")
+        if not item.strip():
+            raise ValueError(f"{where}: {what} {column!r} item {i} is empty")
+    return value
+
+
+def _jsonl_sentences(path: Path, tokens_column: str, tags_column: str) -> Iterator[tuple[int, dict]]:
+    for n, record in _jsonl_records(path):
+        where = f"{path}:{n}"
+        tokens = _strings(record, tokens_column, "tokens", where)
+        tags = _strings(record, tags_column, "tags", where)
+        if len(tokens) != len(tags):
+            raise ValueError(f"{where}: {len(tokens)} tokens but {len(tags)} tags; need one tag per token")
+        yield n, {"tokens": tokens, "tags": tags}
+
+
+def read_tagged(path: Path, tokens_column: str = "tokens", tags_column: str = "tags") -> list[dict]:
+    """`{"id", "tokens", "tags", "text"}` for every sentence in a CoNLL (.conll, .bio) or .jsonl file or directory.
+
+    CoNLL: one token a line, whitespace-separated columns, the token first and its tag last, a blank line
+    between sentences, `-DOCSTART-` lines skipped. JSONL: one sentence a line, a list of tokens and a list of
+    tags of the same length (`tokens_column`, `tags_column`). `text` is the tokens joined by spaces: what
+    `clean` decontaminates the domain corpus against. The id's line is the sentence's first line.
+    """
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    sentences = []
+    for file in input_files(path, TAGGED):
+        suffix = file.suffix.lower()
+        if suffix not in TAGGED:
+            raise ValueError(f"{file}: unsupported file type {file.suffix!r} for tagged sentences; "
+                             f"supported: {', '.join(TAGGED)}")
+        name = file.relative_to(root).as_posix()
+        before = len(sentences)
+        try:
+            records = _conll_sentences(file) if suffix in CONLL else _jsonl_sentences(file, tokens_column, tags_column)
+            for n, rec in records:
+                sentences.append({"id": f"{name}:{n}", **rec, "text": " ".join(rec["tokens"])})
+        except OSError as e:  # unreadable: permissions, a broken link, an I/O error
+            raise ValueError(f"{file}: cannot read: {e.strerror or e}") from e
+        if len(sentences) == before:
+            log.warning("%s: no sentences (empty file); skipped", file)
+    if not sentences:
+        raise ValueError(f"{path}: no sentences (every file was empty)")
+    return sentences

@@ -4,6 +4,9 @@ Every variant gets identical settings; only the starting model differs. Model se
 (macro-F1, evaluated each epoch), the test set scored once at the end. Writes metrics and predictions to
 `paths.finetune/<variant>-<seed>/`. DVC runs one process per (variant, seed): `finetune@general-0`, ...
 
+The task is sequence classification (a label per text) or token classification (a tag per word, e.g. NER:
+entity-level F1 by seqeval), read from the data; `stages/tasks.py` holds what differs between the two.
+
 Pooler: a checkpoint saved from an MLM model has no pooler, so a classifier built from it would start with
 a random pooler while the base model has a trained one. Every variant therefore gets the base model's
 pooler, so the comparison measures the encoder, not the pooler's initialisation.
@@ -21,6 +24,7 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,14 +32,14 @@ import mlflow
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.metrics import accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, \
-    Trainer, TrainingArguments, set_seed
+from transformers import AutoModel, Trainer, TrainingArguments, set_seed
 
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
     write_json, write_jsonl
+from stages.tasks import IGNORE, TASKS, gold_labels, label_names, load_tokenizer, task_type
+from stages.tasks import scores  # noqa: F401  compare judges its TF-IDF baseline with it, imported from here
 
 Variant = Literal["general", "domain", "domain_novocab"]
 
@@ -67,25 +71,20 @@ def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
 
 
 class WeightedLoss:
-    """Class-weighted cross-entropy for the Trainer's `compute_loss_func` (None: unweighted)."""
+    """Class-weighted cross-entropy for the Trainer's `compute_loss_func` (None: unweighted).
+
+    Logits of a text (batch, classes) or of its tokens (batch, length, classes) alike; IGNORE targets
+    (sub-tokens after a word's first, special tokens, padding) count for nothing.
+    """
 
     def __init__(self, weights: torch.Tensor | None):
         self.weights = weights
 
     def __call__(self, outputs, targets, num_items_in_batch=None) -> torch.Tensor:
         w = self.weights.to(outputs.logits.device) if self.weights is not None else None
-        return torch.nn.functional.cross_entropy(outputs.logits.float(), targets, weight=w)
-
-
-def dev_metrics(pred) -> dict[str, float]:
-    """The Trainer's `compute_metrics`: dev scores from logits."""
-    return scores(pred.label_ids.tolist(), np.argmax(pred.predictions, -1).tolist())
-
-
-def scores(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
-    """The task metrics every variant is judged by."""
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+        logits = outputs.logits.float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weight=w,
+                                                 ignore_index=IGNORE)
 
 
 def share_pooler(model: torch.nn.Module, missing_keys: list[str], reference: Path) -> bool:
@@ -102,7 +101,7 @@ def share_pooler(model: torch.nn.Module, missing_keys: list[str], reference: Pat
 
 @torch.no_grad()
 def init_classifier(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw the classification head from `seed` alone.
+    """Re-draw the classification head (`model.classifier`, for texts and tokens alike) from `seed` alone.
 
     Loading draws random numbers for every missing weight (the domain checkpoint also misses a pooler), so
     without this the same seed would give the two variants different heads and unpaired runs.
@@ -114,13 +113,6 @@ def init_classifier(model: torch.nn.Module, seed: int) -> None:
             module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
             if module.bias is not None:
                 module.bias.zero_()
-
-
-def encode(tok, examples: list[dict], label2id: dict[str, int], max_len: int) -> list[dict]:
-    """Tokenised examples for the Trainer; padding is left to the collator (dynamic, per batch)."""
-    enc = tok([ex["text"] for ex in examples], truncation=True, max_length=max_len)
-    return [{"input_ids": ids, "attention_mask": am, "labels": label2id[ex["label"]]}
-            for ids, am, ex in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,25 +138,28 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         # seed
         set_seed(seed)
 
-        # data
+        # data: sequence or token classification, by what the records carry
         task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "dev", "test")}
-        labels = sorted({ex["label"] for ex in task["train"]})
+        kind = task_type(task["train"])
+        spec = TASKS[kind]
+        labels = label_names(task["train"])
         label2id = {label: i for i, label in enumerate(labels)}
 
         # tokenizer
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        data = {s: encode(tok, task[s], label2id, t.max_seq_length) for s in task}
+        tok = load_tokenizer(model_dir, kind)
+        data = {s: spec.encode(tok, task[s], label2id, t.max_seq_length) for s in task}
 
-        # model
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        # model (a token classifier has no pooler: share_pooler then leaves it alone)
+        model, info = spec.model.from_pretrained(
             model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
             output_loading_info=True)
         if share_pooler(model, info["missing_keys"], paths.base_model):
             log.info("finetune: %s checkpoint has no pooler; using the base model's", variant)
         init_classifier(model, seed)
 
-        # loss: class-weighted cross-entropy, or rare categories are never predicted
-        weights = class_weights([ex["labels"] for ex in data["train"]], len(labels)) if t.class_weighted else None
+        # loss: class-weighted cross-entropy, or rare categories (tags) are never predicted
+        train_ids = [label2id[label] for label in gold_labels(task["train"])]
+        weights = class_weights(train_ids, len(labels)) if t.class_weighted else None
 
         # trainer
         with tempfile.TemporaryDirectory(prefix="finetune-") as scratch:
@@ -180,7 +175,8 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
                 bf16=cuda and torch.cuda.is_bf16_supported(), optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_pin_memory=cuda,
             )
             trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
-                              data_collator=DataCollatorWithPadding(tok), compute_metrics=dev_metrics,
+                              data_collator=spec.collator(tok),
+                              compute_metrics=partial(spec.dev_metrics, labels=labels),
                               compute_loss_func=WeightedLoss(weights), callbacks=[tracking.MLflowLogger()])
 
             # train
@@ -192,25 +188,21 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
             # prediction in predictions.jsonl with another text
             trainer.args.train_sampling_strategy = "random"
             pred = trainer.predict(data["test"])
-        y_pred = np.argmax(pred.predictions, -1).tolist()
-        y_true = pred.label_ids.tolist()
-        if y_true != [label2id[ex["label"]] for ex in task["test"]]:
-            raise RuntimeError("finetune: test predictions came back in another order than the test set")
-        metrics = {f"test_{k}": v for k, v in scores(y_true, y_pred).items()}
-        metrics.update({"dev_macro_f1": dev["eval_macro_f1"], "dev_accuracy": dev["eval_accuracy"],
-                        "seconds": round(time.time() - started, 1)})
+        test, rows = spec.results(task["test"], pred.label_ids, pred.predictions, labels)
+        metrics = {f"test_{k}": v for k, v in test.items()}
+        metrics.update({f"dev_{k}": dev[f"eval_{k}"] for k in test})
+        metrics["seconds"] = round(time.time() - started, 1)
         # the snapshot's pretraining compute (step, tokens seen, device-hours): the adaptation curve's x-axis
         snapshot = json.loads((model_dir / "snapshot.json").read_text()) if at is not None else {}
 
         # save
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
-            write_json(tmp / "metrics.json", {"variant": variant, "seed": seed, "labels": labels, **metrics,
-                                              **({"dapt_percent": at, "snapshot": snapshot} if at is not None else {}),
-                                              "mlflow_run_id": mlflow_run.info.run_id})
-            write_jsonl(tmp / "predictions.jsonl", (
-                {"id": ex.get("id", i), "label": ex["label"], "pred": labels[y]}
-                for i, (ex, y) in enumerate(zip(task["test"], y_pred, strict=True))))
+            write_json(tmp / "metrics.json", {
+                "variant": variant, "seed": seed, "task": kind, "labels": labels, **metrics,
+                **({"dapt_percent": at, "snapshot": snapshot} if at is not None else {}),
+                "mlflow_run_id": mlflow_run.info.run_id})
+            write_jsonl(tmp / "predictions.jsonl", rows)
         tracking.log_metrics(metrics)
         log.info("finetune %s seed %d: %s", variant, seed, metrics)
 

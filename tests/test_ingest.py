@@ -27,6 +27,20 @@ def test_check_task_errors():
         check_task({"train": [{"label": "a"}, {"label": "b"}], "dev": [], "test": [{"label": "c"}]})
 
 
+def test_check_task_on_tagged_sentences():
+    with pytest.raises(ValueError, match="train split has 1 tag"):
+        check_task({"train": [{"tags": ["O", "O"]}], "dev": [], "test": []})
+    train = [{"tags": ["B-PER", "O"]}]
+    with pytest.raises(ValueError, match="dev split has tags never seen in train: \\['I-PER'\\]"):
+        check_task({"train": train, "dev": [{"tags": ["B-PER", "I-PER"]}], "test": []})
+    check_task({"train": train, "dev": [{"tags": ["O"]}], "test": [{"tags": ["B-PER"]}]})
+
+
+def test_task_type_is_validated():
+    with pytest.raises(ValidationError, match="task_type"):
+        FilesParams(task_type="ner")
+
+
 def test_files_source_requires_its_paths():
     with pytest.raises(ValidationError, match="needs ingest.files.domain"):
         IngestParams(source="files", base_model="x", demo=DEMO, files=FilesParams(general="g.txt"))
@@ -58,3 +72,36 @@ def test_files_source_end_to_end(project, tiny_bert, tmp_path):
     assert [json.loads(line)["label"] for line in (project.task / "test.jsonl").read_text().splitlines()] == \
         ["pos", "neg"]
     assert AutoModel.from_pretrained(project.base_model).pooler is not None  # copied as is, pooler included
+
+
+def test_files_source_token_classification(project, tiny_bert, tmp_path):
+    src = tmp_path / "user"
+    (src / "domain").mkdir(parents=True)
+    (src / "domain" / "a.txt").write_text("a domain line\n")
+    write_jsonl(src / "general.jsonl", [{"text": "a general sentence"}])
+    (src / "train.conll").write_text("-DOCSTART- O\n\nPeter B-PER\nsigned O\n\nAcme B-ORG\nCorp I-ORG\n")
+    write_jsonl(src / "dev.jsonl", [{"words": ["Acme", "sued"], "ner": ["B-ORG", "O"]}])
+    write_jsonl(src / "test.jsonl", [{"words": ["Peter", "Acme", "Corp"], "ner": ["B-PER", "B-ORG", "I-ORG"]}])
+    files = FilesParams(domain=src / "domain", general=src / "general.jsonl", train=src / "train.conll",
+                        dev=src / "dev.jsonl", test=src / "test.jsonl", task_type="token_classification",
+                        tokens_column="words", tags_column="ner")
+    run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
+
+    train = [json.loads(line) for line in (project.task / "train.jsonl").read_text().splitlines()]
+    assert train == [
+        {"id": "train.conll:3", "tokens": ["Peter", "signed"], "tags": ["B-PER", "O"], "text": "Peter signed"},
+        {"id": "train.conll:6", "tokens": ["Acme", "Corp"], "tags": ["B-ORG", "I-ORG"], "text": "Acme Corp"}]
+    test = json.loads((project.task / "test.jsonl").read_text())
+    assert test["tags"] == ["B-PER", "B-ORG", "I-ORG"] and test["text"] == "Peter Acme Corp"
+    metrics = json.loads((project.metrics / "ingest.json").read_text())
+    assert metrics["task_labels"] == 4 and metrics["task_train"] == 2  # distinct tags; sentences
+
+
+def test_token_task_with_a_tag_unseen_in_train_fails(project, tiny_bert, tmp_path):
+    (tmp_path / "d.txt").write_text("a domain line\n")
+    (tmp_path / "train.conll").write_text("Peter B-PER\nsigned O\n")
+    (tmp_path / "test.conll").write_text("Acme B-ORG\n")
+    files = FilesParams(domain=tmp_path / "d.txt", general=tmp_path / "d.txt", train=tmp_path / "train.conll",
+                        dev=tmp_path / "train.conll", test=tmp_path / "test.conll", task_type="token_classification")
+    with pytest.raises(ValueError, match=r"test split has tags never seen in train: \['B-ORG'\]"):
+        run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
