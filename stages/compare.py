@@ -286,7 +286,9 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         kind = task_kind(runs)
         token_task = kind == "token_classification"
         preds = {(v, s): load_predictions(paths, run_name(v, s)) for v in runs for s in fp.seeds}
-        classes = classes_of(list(preds.values()), kind)
+        curve_preds = {run_name("domain", s, pct): load_predictions(paths, run_name("domain", s, pct))
+                       for pct in snapshots for s in fp.seeds}
+        classes = classes_of([*preds.values(), *curve_preds.values()], kind)
         extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
                  for name in ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
                  if (paths.metrics / f"{name}.json").exists()}
@@ -317,10 +319,11 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         slope = None
         if len(points) >= 2:
             last, before = points[-1], points[-2]
-            slope = {**paired_bootstrap(
-                [counts_of(load_predictions(paths, last["name"].format(seed=s)), kind, classes) for s in fp.seeds],
-                [counts_of(load_predictions(paths, before["name"].format(seed=s)), kind, classes) for s in fp.seeds],
-                p.bootstrap_resamples, p.seed)}
+            rows_of = {**curve_preds, **{run_name(v, s): rows for (v, s), rows in preds.items()}}
+            slope = paired_bootstrap(
+                [counts_of(rows_of[last["name"].format(seed=s)], kind, classes) for s in fp.seeds],
+                [counts_of(rows_of[before["name"].format(seed=s)], kind, classes) for s in fp.seeds],
+                p.bootstrap_resamples, p.seed)
             slope["text"] = slope_verdict(before["label"].split(" ")[0], last["label"].split(" ")[0], slope)
 
         # figures
