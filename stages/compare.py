@@ -115,19 +115,27 @@ def macro_f1_resampled(counts: Counts, weights: np.ndarray) -> np.ndarray:
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
-def paired_bootstrap(counts_a: list[Counts], counts_b: list[Counts], resamples: int, seed: int) -> dict[str, float]:
-    """Macro-F1 of a - b (averaged over seeds) with a 95% percentile interval and a two-sided p-value from
-    resampling test examples with replacement; the same resample for every seed and both variants (paired)."""
-    n = len(counts_a[0][0])
+def paired_bootstrap(counts_a: list[Counts], counts_b: list[Counts], resamples: int, seed: int,
+                     chunk: int = 250) -> dict[str, float]:
+    """Macro-F1 of a - b (averaged over seeds) with a 95% percentile interval and a two-sided p-value.
+
+    Two levels, both paired: each resample draws test examples with replacement (the same draw for every seed
+    and both variants) and then seeds with replacement (the same seeds for both variants), so the interval
+    covers fine-tuning noise as well as the test set's. Resamples are drawn `chunk` at a time: the weight matrix
+    is resamples x examples."""
+    n, k = len(counts_a[0][0]), len(counts_a)
     rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
     full = np.ones((1, n))
-    diff, observed = np.zeros(resamples), 0.0
-    for a, b in zip(counts_a, counts_b, strict=True):
-        diff += macro_f1_resampled(a, weights) - macro_f1_resampled(b, weights)
-        observed += float(macro_f1_resampled(a, full)[0] - macro_f1_resampled(b, full)[0])
-    diff /= len(counts_a)
-    observed /= len(counts_a)
+    observed = float(np.mean([macro_f1_resampled(a, full)[0] - macro_f1_resampled(b, full)[0]
+                              for a, b in zip(counts_a, counts_b, strict=True)]))
+    diff = []
+    for size in [chunk] * (resamples // chunk) + [resamples % chunk] * bool(resamples % chunk):
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=size).astype(float)
+        per_seed = np.stack([macro_f1_resampled(a, weights) - macro_f1_resampled(b, weights)
+                             for a, b in zip(counts_a, counts_b, strict=True)])  # seeds x resamples
+        seeds = rng.integers(0, k, size=(k, size))
+        diff.append(np.take_along_axis(per_seed, seeds, axis=0).mean(0))
+    diff = np.concatenate(diff)
     p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
     return {"mean": observed, "ci_low": float(np.percentile(diff, 2.5)), "ci_high": float(np.percentile(diff, 97.5)),
             "p_value": float(p), "resamples": resamples}
@@ -150,7 +158,7 @@ def slope_verdict(before: str, after: str, d: dict, alpha: float = 0.05) -> str:
     """What the last stretch of the adaptation curve says about more DAPT."""
     text = f"From {before} to {after} of DAPT, macro-F1 changed by {d['mean']:+.3f} ({report.fmt_ci(d)}, {report.fmt_p(d['p_value'])})"
     if d["p_value"] < alpha and d["mean"] > 0:
-        return f"{text}: still rising at the end, so more DAPT is likely to pay."
+        return f"{text}: still rising at the end, so more DAPT may well pay."
     if d["p_value"] < alpha:
         return f"{text}: falling at the end; more DAPT of this kind is unlikely to help."
     return f"{text}: not distinguishable from no change, so this curve gives no evidence that more DAPT would pay."
@@ -222,11 +230,13 @@ def forgetting_probe(extra: dict[str, dict]) -> list[dict]:
         return []
     rows = []
     if "domain_novocab" in pre:
-        rows.append({"name": "general model (base encoder and vocabulary)", "loss": pre["domain_novocab"]["general_loss_start"]})
+        rows.append({"name": "general model (base encoder and vocabulary)", "loss": pre["domain_novocab"]["general_loss_start"],
+                     "general_model": True})
     if "domain" in pre:
         rows.append({"name": "domain before DAPT (new vocabulary, step 0)", "loss": pre["domain"]["general_loss_start"]})
     for v, m in pre.items():
-        rows.append({"name": f"{v} after DAPT (step {m['best_step']})", "loss": m["general_loss_best"]})
+        rows.append({"name": f"{v} after DAPT (step {m['best_step']})", "loss": m["general_loss_best"],
+                     "start": m["general_loss_start"]})
     return rows
 
 
@@ -237,14 +247,19 @@ def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: d
     for pct in sorted(snapshots):
         by_seed = load_runs(paths, ["domain"], fp.seeds, at=pct)["domain"]
         snap = by_seed[fp.seeds[0]]["snapshot"]
-        label = f"{pct}%" + ("" if snap.get("reached", True) else " (not reached: the final model)")
-        points.append({"label": label, "percent": pct, "name": run_name("domain", "{seed}", pct), "runs": by_seed,
+        if not snap.get("reached", True):  # training stopped first: this snapshot is the final model again
+            continue
+        points.append({"label": f"{pct}%", "percent": pct, "name": run_name("domain", "{seed}", pct), "runs": by_seed,
                        **{k: snap[k] for k in ("step", "tokens_seen", "device_hours", "device")}})
-    if pre is not None and "domain" in runs:
-        hours = pre.get("device_hours", pre["seconds"] / 3600)
-        points.append({"label": f"100% (saved: step {pre['best_step']})", "percent": 100, "name": "domain-{seed}",
-                       "runs": runs["domain"], "step": pre["steps"], "tokens_seen": pre["tokens_seen"],
-                       "device_hours": hours, "device": pre.get("device", "cpu")})
+    if pre is not None:
+        # the saved model is the best evaluation's: its tokens are those seen up to that step; its device-hours
+        # are the whole run's, since finding it took the evaluations after it too
+        points.append({"label": f"final (step {pre['best_step']}, {pre['stop_reason']})", "percent": 100,
+                       "name": "domain-{seed}", "runs": runs["domain"], "step": pre["best_step"],
+                       "tokens_seen": pre["tokens_seen"] * pre["best_step"] // max(pre["steps"], 1),
+                       "device_hours": pre.get("device_hours", pre["seconds"] / 3600),
+                       "device": pre.get("device", "cpu")})
+    points.sort(key=lambda pt: (pt["step"], pt["percent"]))
     for p in points:
         p.update(mean_std([r["test_macro_f1"] for r in p["runs"].values()]))
         p["vs_general"] = paired_difference({"a": p["runs"], "general": runs["general"]}, "a", "general", "test_macro_f1")
@@ -263,7 +278,8 @@ def log_children(fp: FinetuneParams, named_runs: dict[str, dict]) -> None:
     dapt_percent for the curve), with its params and scores and a link to the run that trained it."""
     experiment = mlflow.active_run().info.experiment_id
     for name, m in named_runs.items():
-        tags = {"variant": m["variant"], "seed": str(m["seed"]), "stage": "finetune",
+        # role, not stage: these copies must not double the fine-tuning runs a `tags.stage` filter finds
+        tags = {"variant": m["variant"], "seed": str(m["seed"]), "role": "compared",
                 **({"dapt_percent": str(m["dapt_percent"])} if "dapt_percent" in m else {}),
                 **({"finetune_run_id": m["mlflow_run_id"]} if m.get("mlflow_run_id") else {})}
         with mlflow.start_run(run_name=f"finetune-{name}", nested=True, tags=tags, experiment_id=experiment):
@@ -324,7 +340,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
                 [counts_of(rows_of[last["name"].format(seed=s)], kind, classes) for s in fp.seeds],
                 [counts_of(rows_of[before["name"].format(seed=s)], kind, classes) for s in fp.seeds],
                 p.bootstrap_resamples, p.seed)
-            slope["text"] = slope_verdict(before["label"].split(" ")[0], last["label"].split(" ")[0], slope)
+            slope["text"] = slope_verdict(f"step {before['step']:,}", f"step {last['step']:,}", slope)
 
         # figures
         curves = {v: list(csv.DictReader((paths.metrics / f"pretrain_{v}_curve.csv").open()))
@@ -365,9 +381,10 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             "domain_wins": diff["wins"],
             **({"domain_minus_novocab_macro_f1_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
                if vocab else {}),
-            **({"general_text_loss_general_model": probe[0]["loss"],
+            **({"general_text_loss_general_model": probe[0]["loss"]} if probe and probe[0].get("general_model") else {}),
+            **({"general_text_loss_domain_start": extra["pretrain_domain"]["general_loss_start"],
                 "general_text_loss_domain": extra["pretrain_domain"]["general_loss_best"]}
-               if probe and "pretrain_domain" in extra else {}),
+               if "pretrain_domain" in extra else {}),
             **{f"curve_{pt['percent']}_macro_f1_mean": pt["mean"] for pt in points},
             **({"curve_last_step_gain": slope["mean"], "curve_last_step_p_value": slope["p_value"]} if slope else {}),
             "seeds": len(fp.seeds),

@@ -94,9 +94,9 @@ class PretrainParams(Section):
     def _probabilities(self) -> PretrainParams:
         if self.mask_replace_prob + self.random_replace_prob > 1:
             raise ValueError("pretrain.mask_replace_prob + pretrain.random_replace_prob must not exceed 1")
-        if any(not 0 <= pct < 100 for pct in self.snapshots) or len(set(self.snapshots)) != len(self.snapshots):
-            raise ValueError(f"pretrain.snapshots: distinct percentages in 0..99 (100% is the final model), got "
-                             f"{self.snapshots}")
+        if any(not 0 <= pct < 100 for pct in self.snapshots) or len(self.snapshot_steps()) != len(self.snapshots):
+            raise ValueError(f"pretrain.snapshots: percentages in 0..99 (100% is the final model) that fall on "
+                             f"distinct steps of max_steps {self.max_steps}, got {self.snapshots}")
         return self
 
     def snapshot_steps(self) -> dict[int, int]:
@@ -162,6 +162,7 @@ class DomainGeneralStopping(TrainerCallback):
         self.best_general = math.inf
         self.bad_evals = 0
         self.stop_reason = "max_steps"
+        self.started = time.time()  # the run's clock; a resumed run restores the time already spent
 
     @property
     def best_dir(self) -> Path:
@@ -201,11 +202,13 @@ class DomainGeneralStopping(TrainerCallback):
 
     def state(self) -> dict:
         return {"history": self.history, "best": self.best, "best_general": self.best_general,
-                "bad_evals": self.bad_evals, "stop_reason": self.stop_reason}
+                "bad_evals": self.bad_evals, "stop_reason": self.stop_reason, "elapsed": time.time() - self.started}
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from the state saved with `checkpoint`; drop best models it does not know."""
-        for key, value in json.loads((checkpoint / self.STATE).read_text()).items():
+        state = json.loads((checkpoint / self.STATE).read_text())
+        self.started = time.time() - state.pop("elapsed", 0.0)
+        for key, value in state.items():
             setattr(self, key, value)
         self.prune()
 
@@ -238,16 +241,16 @@ class DomainGeneralStopping(TrainerCallback):
 class Snapshots(TrainerCallback):
     """Keep the model at the steps of `pretrain.snapshots`, with its compute, for the adaptation curve."""
 
-    def __init__(self, p: PretrainParams, root: Path, tok: PreTrainedTokenizerBase, processes: int, started: float,
-                 main_process: bool = True):
-        self.p, self.root, self.tok, self.processes, self.started = p, root, tok, processes, started
+    def __init__(self, p: PretrainParams, root: Path, tok: PreTrainedTokenizerBase, processes: int,
+                 clock: DomainGeneralStopping | None = None, main_process: bool = True):
+        self.p, self.root, self.tok, self.processes, self.clock = p, root, tok, processes, clock
         self.main_process = main_process
         self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     def compute(self, step: int) -> dict:
         """What the model at DAPT `step` cost: tokens trained on and device-hours since the stage started
         (head warm-up and evaluations included; a resumed run counts from its restart)."""
-        seconds = time.time() - self.started
+        seconds = time.time() - (self.clock.started if self.clock else time.time())
         return {"step": step, "tokens_seen": step * self.p.batch_size * self.p.max_seq_length * self.processes,
                 "seconds": round(seconds, 1), "device_hours": seconds * self.processes / 3600,
                 "device": self.device, "processes": self.processes}
@@ -395,13 +398,16 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 
         # train: evaluate first, so the unadapted model is the baseline and the first admissible checkpoint
         stopping = DomainGeneralStopping(p, eval_sets, work / "best", tok, p.head_warmup_steps, main)
-        snapshots = Snapshots(p, work / "snapshots", tok, state.num_processes, started, main)
+        stopping.started = started
+        # the adaptation curve is the domain model's (finetune_curve): other variants keep no snapshots
+        curve = p if variant == "domain" else p.model_copy(update={"snapshots": []})
+        snapshots = Snapshots(curve, work / "snapshots", tok, state.num_processes, stopping, main)
         if resume:
             stopping.restore(Path(resume))
         else:
             stopping.evaluate_and_decide(model.to(args.device), p.head_warmup_steps)
-            if 0 in p.snapshot_steps():
-                snapshots.save(model, p.snapshot_steps()[0], 0)
+            if 0 in curve.snapshot_steps():
+                snapshots.save(model, curve.snapshot_steps()[0], 0)
         # another seed than the warm-up's: the same one would replay its blocks in the same order with the same masks
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                           callbacks=[EpochSetter(train_dataset), stopping, snapshots, *loggers])
@@ -419,10 +425,10 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             shutil.copytree(stopping.best_dir, tmp)
         snapshots.finish(stopping.best_dir, stopping.best["step"] - p.head_warmup_steps)
         with atomic_path(paths.snapshot_dir(variant, 0).parent) as tmp:
-            shutil.copytree(work / "snapshots", tmp) if p.snapshots else tmp.mkdir()
+            shutil.copytree(work / "snapshots", tmp) if curve.snapshots else tmp.mkdir()
             # the curve's index, and a file in the folder even without snapshots (DVC tracks the folder)
             write_json(tmp / "snapshots.json", {str(pct): json.loads((tmp / str(pct) / "snapshot.json").read_text())
-                                                for pct in p.snapshots})
+                                                for pct in curve.snapshots})
         first, best, last = stopping.history[0], stopping.best, stopping.history[-1]
         metrics = {
             "stop_reason": stopping.stop_reason,
@@ -430,8 +436,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             "best_step": best["step"] - p.head_warmup_steps,
             "train_blocks": len(train_blocks),
             "tokens_seen": steps * p.batch_size * p.max_seq_length * state.num_processes,
-            "seconds": round(time.time() - started, 1),
-            "device_hours": (time.time() - started) * state.num_processes / 3600,
+            "seconds": round(time.time() - stopping.started, 1),  # a resumed run's earlier time included
+            "device_hours": (time.time() - stopping.started) * state.num_processes / 3600,
             "device": snapshots.device,
             **{f"{k}_start": v for k, v in first.items() if k != "step"},
             **{f"{k}_best": v for k, v in best.items() if k != "step"},

@@ -155,7 +155,8 @@ def forgetting_section(probe: list[dict], gain: float) -> list[str]:
     lines = ["## Forgetting probe: general text", "",
              f"Downstream gain of the domain model: macro-F1 {gain:+.3f}. What DAPT did to general text, on the "
              "held-out general validation set (the same masked positions for every model):", "",
-             "| model | general MLM loss | perplexity | vs the general model |", "|---|---|---|---|"]
+             f"| model | general MLM loss | perplexity | vs {'the general model' if probe[0].get('general_model') else 'the first row'} |",
+             "|---|---|---|---|"]
     base = probe[0]["loss"]
     for row in probe:
         change = "-" if row is probe[0] else f"{row['loss'] - base:+.3f} ({(row['loss'] / base - 1):+.1%})"
@@ -163,7 +164,7 @@ def forgetting_section(probe: list[dict], gain: float) -> list[str]:
     lines += ["", "The general model is the base encoder with an MLM head trained alone for the head warm-up (the "
               "base model may ship without one). Losses under the adapted tokenizer average over its own, slightly "
               "different, tokens."]
-    if any(row["loss"] < base for row in probe if "after DAPT" in row["name"]):
+    if any(row["loss"] < row["start"] for row in probe if "start" in row):
         lines[-1] += (" General loss *fell* during DAPT: the MLM head was still learning, which hides any "
                       "forgetting of the encoder; read it as no measurable forgetting at this scale, not as a gain.")
     return [*lines, ""]
@@ -173,7 +174,7 @@ def curve_section(points: list[dict], general: dict, slope: dict | None, figure:
     """The adaptation curve: one row per point with its compute, and what the last step of the curve says."""
     lines = ["## Adaptation curve", "",
              "Fine-tuning from intermediate DAPT checkpoints, with the same settings and seeds as the table above.",
-             "", "| DAPT | step | tokens seen | device-hours | test macro-F1 | vs general (paired over seeds) |",
+             "", "| DAPT | step | tokens seen | device-hours (final: whole run) | test macro-F1 | vs general (paired over seeds) |",
              "|---|---|---|---|---|---|"]
     for p in points:
         vs = f"{p['vs_general']['mean']:+.3f} ({p['vs_general']['wins']}/{p['vs_general']['n']} seeds better)"

@@ -144,8 +144,8 @@ def fabricate(project) -> None:
     project.metrics.mkdir()
     for v, general_end in (("domain", 5.5), ("domain_novocab", 5.4)):
         (project.metrics / f"pretrain_{v}.json").write_text(json.dumps({
-            "stop_reason": "max_steps", "steps": 200, "best_step": 200, "tokens_seen": 409600, "seconds": 36.0,
-            "device_hours": 0.01, "device": "cpu", "domain_loss_start": 6.0, "domain_loss_best": 4.0,
+            "stop_reason": "max_steps", "steps": 200, "best_step": 200, "tokens_seen": 409600, "seconds": 360.0,
+            "device_hours": 0.1, "device": "cpu", "domain_loss_start": 6.0, "domain_loss_best": 4.0,
             "domain_loss_end": 4.0, "general_loss_start": 5.0 + (v == "domain") * 0.1, "general_loss_best": general_end,
             "general_loss_end": general_end}))
         (project.metrics / f"pretrain_{v}_curve.csv").write_text(
@@ -174,10 +174,11 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     # forgetting probe: the general model is the base-vocabulary run's start
     assert "| general model (base encoder and vocabulary) | 5.000 | 148.4 | - |" in report
     assert "| domain after DAPT (step 200) | 5.500 | 244.7 | +0.500 (+10.0%) |" in report
+    assert "General loss *fell*" not in report  # it rose in both runs
     # adaptation curve: two snapshots and the final model, with their compute; the last stretch still pays
     assert "| 0% | 0 | 0 | 0 (cpu) |" in report and "| 50% | 100 | 204,800 | 0.05 (cpu) |" in report
-    assert "| 100% (saved: step 200) | 200 | 409,600 | 0.01 (cpu) |" in report
-    assert "From 50% to 100% of DAPT, macro-F1 changed by +0." in report and "still rising at the end" in report
+    assert "| final (step 200, max_steps) | 200 | 409,600 | 0.1 (cpu) |" in report
+    assert "From step 100 to step 200 of DAPT, macro-F1 changed by +0." in report and "still rising at the end" in report
     assert "`licensor` (1,270x, 3 pieces before)" in report
     for name in ("scores", "confusion", "adaptation_curve", "dapt_loss", "fertility"):
         assert (project.reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
@@ -264,3 +265,20 @@ def test_stage_on_a_token_classification_task(project):
     assert metrics["domain_minus_general_macro_f1_mean"] == pytest.approx(expected)
     assert "tfidf_macro_f1" not in metrics and not math.isnan(metrics["domain_minus_general_ci_low"])
     assert (project.reports / "figures" / "confusion.png").exists()
+
+
+def test_curve_leaves_out_snapshots_training_never_reached(project):
+    from stages.compare import curve_points, load_runs
+
+    fabricate(project)
+    for seed in SEEDS:  # stopped early at step 80: the 50% snapshot (step 100) is the final model again
+        path = project.finetune / f"domain-at50-{seed}" / "metrics.json"
+        m = json.loads(path.read_text())
+        m["snapshot"].update(reached=False, step=80)
+        path.write_text(json.dumps(m))
+    pre = {"stop_reason": "patience", "steps": 120, "best_step": 80, "tokens_seen": 120 * 2048, "seconds": 60.0}
+    runs = load_runs(project, FP.variants, SEEDS)
+    points = curve_points(project, FP, [0, 50], runs, pre)
+    assert [(p["label"], p["step"], p["tokens_seen"]) for p in points] == [
+        ("0%", 0, 0), ("final (step 80, patience)", 80, 80 * 2048)]
+    assert points[1]["device_hours"] == pytest.approx(60 / 3600)
