@@ -282,7 +282,8 @@ def log_children(fp: FinetuneParams, named_runs: dict[str, dict]) -> None:
         tags = {"variant": m["variant"], "seed": str(m["seed"]), "role": "compared",
                 **({"dapt_percent": str(m["dapt_percent"])} if "dapt_percent" in m else {}),
                 **({"finetune_run_id": m["mlflow_run_id"]} if m.get("mlflow_run_id") else {})}
-        with mlflow.start_run(run_name=f"finetune-{name}", nested=True, tags=tags, experiment_id=experiment):
+        stage = "finetune_curve" if "dapt_percent" in m else "finetune"  # named as the run it copies
+        with mlflow.start_run(run_name=f"{stage}-{name}", nested=True, tags=tags, experiment_id=experiment):
             mlflow.log_params({**tracking.flatten(fp.training), "variant": m["variant"], "seed": m["seed"]})
             tracking.log_metrics({k: v for k, v in m.items() if k.startswith(("test_", "dev_"))})
 

@@ -120,7 +120,7 @@ def init_classifier(model: torch.nn.Module, seed: int) -> None:
 
 def run_name(variant: str, seed: int, at: int | None = None) -> str:
     """`<variant>-<seed>`, or `<variant>-at<P>-<seed>` for the snapshot at P% of pretraining: the output folder
-    under `paths.finetune` and (prefixed `finetune-`) the MLflow run."""
+    under `paths.finetune` and (prefixed `finetune-` or `finetune_curve-`) the MLflow run."""
     return f"{variant}-{seed}" if at is None else f"{variant}-at{at}-{seed}"
 
 
@@ -132,7 +132,8 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
     out_dir = paths.finetune / name
     model_dir = paths.model_dir(variant) if at is None else paths.snapshot_dir(variant, at)
     tags = {"variant": variant, "seed": str(seed), **({"dapt_percent": str(at)} if at is not None else {})}
-    with tracking.stage_run("finetune", p.training, run_name=f"finetune-{name}", tags=tags) as mlflow_run:
+    stage = "finetune" if at is None else "finetune_curve"  # the dvc.yaml stage (and Prefect task) that runs it
+    with tracking.stage_run(stage, p.training, run_name=f"{stage}-{name}", tags=tags) as mlflow_run:
         mlflow.log_params({"variant": variant, "seed": seed, **({"dapt_percent": at} if at is not None else {})})
         started = time.time()
         # seed

@@ -87,6 +87,10 @@ def test_stage_fine_tunes_a_pretraining_snapshot(project, tiny_bert):
     metrics = json.loads((project.finetune / "domain-at50-1" / "metrics.json").read_text())
     assert metrics["dapt_percent"] == 50 and metrics["snapshot"] == {"step": 5, "tokens_seen": 640}
     assert metrics["variant"] == "domain" and metrics["seed"] == 1 and metrics["mlflow_run_id"]
+    import mlflow
+
+    tags = mlflow.get_run(metrics["mlflow_run_id"]).data.tags
+    assert (tags["stage"], tags["dapt_percent"], tags["variant"]) == ("finetune_curve", "50", "domain")
 
 
 # ---------------------------------------------------------------------------------------------------
