@@ -23,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# small enough for ~2 minutes on 2 CPU cores, large enough that every stage does real work
+# small enough for ~4 minutes on 2 CPU cores, large enough that every stage does real work
 SMOKE_PARAMS = {
     "ingest": {"base_model": "tiny-bert", "max_domain_docs": 1500, "max_general_docs": 80,
                "demo": {"max_train": 240, "max_dev": 60, "max_test": 120}},
