@@ -181,6 +181,24 @@ def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dic
 # reading the runs
 
 
+def bootstrap_runs(rows: dict[str, list[dict]], names_a: list[str], names_b: list[str], kind: str,
+                   classes: list[str], p: CompareParams) -> dict[str, float]:
+    """`paired_bootstrap` of the fine-tuning runs `names_a` - `names_b` (seed by seed), from their predictions."""
+    return paired_bootstrap([counts_of(rows[n], kind, classes) for n in names_a],
+                            [counts_of(rows[n], kind, classes) for n in names_b], p.bootstrap_resamples, p.seed)
+
+
+def compare_variants(runs: dict[str, dict[int, dict]], rows: dict[str, list[dict]], a: str, b: str, seeds: list[int],
+                     kind: str, classes: list[str], p: CompareParams) -> dict:
+    """a - b: the per-seed t-test (as `seed_test`), with the paired bootstrap over test examples as the headline."""
+    seed_test = paired_difference(runs, a, b, "test_macro_f1")
+    boot = bootstrap_runs(rows, [run_name(a, s) for s in seeds], [run_name(b, s) for s in seeds], kind, classes, p)
+    n = len(rows[run_name(a, seeds[0])])
+    unit = "sentences" if kind == "token_classification" else "texts"
+    return {**seed_test, **boot, "seed_test": seed_test,
+            "method": f"paired bootstrap over {n:,} test {unit} x {len(seeds)} seeds,"}
+
+
 def load_runs(paths: Paths, variants: list[str], seeds: list[int], at: int | None = None) -> dict[str, dict[int, dict]]:
     """variant -> seed -> the fine-tuning run's metrics.json."""
     return {v: {s: json.loads((paths.finetune / run_name(v, s, at) / "metrics.json").read_text()) for s in seeds}
@@ -249,13 +267,13 @@ def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: d
         snap = by_seed[fp.seeds[0]]["snapshot"]
         if not snap.get("reached", True):  # training stopped first: this snapshot is the final model again
             continue
-        points.append({"label": f"{pct}%", "percent": pct, "name": run_name("domain", "{seed}", pct), "runs": by_seed,
+        points.append({"label": f"{pct}%", "percent": pct, "at": pct, "runs": by_seed,
                        **{k: snap[k] for k in ("step", "tokens_seen", "device_hours", "device")}})
     if pre is not None:
         # the saved model is the best evaluation's: its tokens are those seen up to that step; its device-hours
         # are the whole run's, since finding it took the evaluations after it too
         points.append({"label": f"final (step {pre['best_step']}, {pre['stop_reason']})", "percent": 100,
-                       "name": "domain-{seed}", "runs": runs["domain"], "step": pre["best_step"],
+                       "at": None, "runs": runs["domain"], "step": pre["best_step"],
                        "tokens_seen": pre["tokens_seen"] * pre["best_step"] // max(pre["steps"], 1),
                        "device_hours": pre.get("device_hours", pre["seconds"] / 3600),
                        "device": pre.get("device", "cpu")})
@@ -302,10 +320,11 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         runs = load_runs(paths, fp.variants, fp.seeds)
         kind = task_kind(runs)
         token_task = kind == "token_classification"
-        preds = {(v, s): load_predictions(paths, run_name(v, s)) for v in runs for s in fp.seeds}
-        curve_preds = {run_name("domain", s, pct): load_predictions(paths, run_name("domain", s, pct))
-                       for pct in snapshots for s in fp.seeds}
-        classes = classes_of([*preds.values(), *curve_preds.values()], kind)
+        # predictions of every run, the adaptation curve's included, by run name
+        names = [run_name(v, s) for v in runs for s in fp.seeds] + \
+            [run_name("domain", s, pct) for pct in snapshots for s in fp.seeds]
+        rows = {name: load_predictions(paths, name) for name in names}
+        classes = classes_of(list(rows.values()), kind)
         extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
                  for name in ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
                  if (paths.metrics / f"{name}.json").exists()}
@@ -318,41 +337,28 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "test")}
         tfidf = None if token_task else tfidf_baseline(task["train"], task["test"], p)
 
-        def compared(a: str, b: str) -> dict:
-            """a - b: per-seed t-test, with the paired bootstrap over test examples as the headline."""
-            seed_test = paired_difference(runs, a, b, "test_macro_f1")
-            boot = paired_bootstrap([counts_of(preds[(a, s)], kind, classes) for s in fp.seeds],
-                                    [counts_of(preds[(b, s)], kind, classes) for s in fp.seeds],
-                                    p.bootstrap_resamples, p.seed)
-            n = len(preds[(a, fp.seeds[0])])
-            return {**seed_test, **boot, "seed_test": seed_test,
-                    "method": f"paired bootstrap over {n:,} test {'sentences' if token_task else 'texts'} x "
-                              f"{len(fp.seeds)} seeds,"}
-
-        diff = compared("domain", "general")
-        vocab = compared("domain", "domain_novocab") if "domain_novocab" in runs else None
+        diff = compare_variants(runs, rows, "domain", "general", fp.seeds, kind, classes, p)
+        vocab = compare_variants(runs, rows, "domain", "domain_novocab", fp.seeds, kind, classes, p) \
+            if "domain_novocab" in runs else None
         probe = forgetting_probe(extra)
         points = curve_points(paths, fp, snapshots, runs, extra.get("pretrain_domain"))
         slope = None
         if len(points) >= 2:
             last, before = points[-1], points[-2]
-            rows_of = {**curve_preds, **{run_name(v, s): rows for (v, s), rows in preds.items()}}
-            slope = paired_bootstrap(
-                [counts_of(rows_of[last["name"].format(seed=s)], kind, classes) for s in fp.seeds],
-                [counts_of(rows_of[before["name"].format(seed=s)], kind, classes) for s in fp.seeds],
-                p.bootstrap_resamples, p.seed)
+            slope = bootstrap_runs(rows, [run_name("domain", s, last["at"]) for s in fp.seeds],
+                                   [run_name("domain", s, before["at"]) for s in fp.seeds], kind, classes, p)
             slope["text"] = slope_verdict(f"step {before['step']:,}", f"step {last['step']:,}", slope)
 
         # figures
         curves = {v: list(csv.DictReader((paths.metrics / f"pretrain_{v}_curve.csv").open()))
                   for v in fp.variants if (paths.metrics / f"pretrain_{v}_curve.csv").exists()}
-        curves = {v: [{k: float(x) for k, x in row.items()} for row in rows] for v, rows in curves.items()}
-        labels = sorted({t for rows in preds.values() for r in rows
+        curves = {v: [{k: float(x) for k, x in row.items()} for row in history] for v, history in curves.items()}
+        labels = sorted({t for v in runs for s in fp.seeds for r in rows[run_name(v, s)]
                          for t in (r["tags"] + r["pred"] if token_task else [r["label"], r["pred"]])})
         with atomic_path(figures) as tmp:
             tmp.mkdir()
             report.plot_scores(summary, runs, tfidf, tmp / "scores.png")
-            report.plot_confusions({v: confusion([preds[(v, s)] for s in fp.seeds], kind, labels) for v in runs},
+            report.plot_confusions({v: confusion([rows[run_name(v, s)] for s in fp.seeds], kind, labels) for v in runs},
                                    labels, tmp / "confusion.png")
             if points:
                 report.plot_curve(points, summary["general"]["test_macro_f1"], tmp / "adaptation_curve.png")
@@ -396,7 +402,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             mlflow.log_artifact(str(paths.reports / name))
         mlflow.log_artifacts(str(figures), "figures")
         log_children(fp, {**{run_name(v, s): m for v, by_seed in runs.items() for s, m in by_seed.items()},
-                          **{pt["name"].format(seed=s): m for pt in points if pt["percent"] < 100
+                          **{run_name("domain", s, pt["at"]): m for pt in points if pt["at"] is not None
                              for s, m in pt["runs"].items()}})
         log.info("compare: %s", verdict(diff))
         print(text)

@@ -15,6 +15,10 @@ from stages.finetune import FinetuneParams, TrainingParams, WeightedLoss, class_
 from stages.tasks import align_labels, encode_words, prefix_space_for_words, tag_scores, task_type, word_predictions
 from tests.conftest import write_jsonl
 
+# the stage tests' settings: a tiny model learns the toy tasks in two epochs at this rate
+P = FinetuneParams(variants=["general"], seeds=[0], training=TrainingParams(
+    learning_rate=1e-3, epochs=2, batch_size=4, max_seq_length=16, warmup_ratio=0.0, weight_decay=0.0))
+
 
 def test_class_weights_balanced():
     w = class_weights([0, 0, 0, 1, 2, 2], 3)
@@ -58,9 +62,7 @@ def test_stage_writes_metrics_and_predictions(project, tiny_bert):
             {"text": "the cat sat on the mat", "label": "other"}] * 8
     for split in ("train", "dev", "test"):
         write_jsonl(project.task / f"{split}.jsonl", [{**r, "id": f"{split}{i}"} for i, r in enumerate(rows)])
-    p = FinetuneParams(variants=["general"], seeds=[0], training=TrainingParams(
-        learning_rate=1e-3, epochs=2, batch_size=4, max_seq_length=16, warmup_ratio=0.0, weight_decay=0.0))
-    run(p, project, "general", 0)
+    run(P, project, "general", 0)
     out = project.finetune / "general-0"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels"] == ["other", "permissive"] and 0 <= metrics["test_macro_f1"] <= 1
@@ -81,8 +83,7 @@ def test_stage_fine_tunes_a_pretraining_snapshot(project, tiny_bert):
             {"text": "the cat sat on the mat", "label": "other"}] * 4
     for split in ("train", "dev", "test"):
         write_jsonl(project.task / f"{split}.jsonl", rows)
-    p = FinetuneParams(variants=["domain"], seeds=[1], training=TrainingParams(
-        learning_rate=1e-3, epochs=1, batch_size=4, max_seq_length=16, warmup_ratio=0.0, weight_decay=0.0))
+    p = P.model_copy(update={"training": P.training.model_copy(update={"epochs": 1})})
     run(p, project, "domain", 1, at=50)
     metrics = json.loads((project.finetune / "domain-at50-1" / "metrics.json").read_text())
     assert metrics["dapt_percent"] == 50 and metrics["snapshot"] == {"step": 5, "tokens_seen": 640}
@@ -169,9 +170,7 @@ def test_stage_on_a_tagged_task(project, model_fixture, request):
     splits = {"train": rows, "dev": rows[:6], "test": rows[:3] + [{"tokens": long[0], "tags": long[1]}]}
     for split, examples in splits.items():
         write_jsonl(project.task / f"{split}.jsonl", [{**r, "id": f"{split}{i}"} for i, r in enumerate(examples)])
-    p = FinetuneParams(variants=["general"], seeds=[0], training=TrainingParams(
-        learning_rate=1e-3, epochs=2, batch_size=4, max_seq_length=16, warmup_ratio=0.0, weight_decay=0.0))
-    run(p, project, "general", 0)
+    run(P, project, "general", 0)
 
     out = project.finetune / "general-0"
     metrics = json.loads((out / "metrics.json").read_text())
