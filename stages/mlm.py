@@ -136,7 +136,8 @@ class MaskingCollator:
         randomised = selected & (how >= self.mask_p) & (how < self.mask_p + self.random_p)
         random_ids = self.real_ids[(pick * len(self.real_ids)).long().clamp(max=len(self.real_ids) - 1)]
         input_ids = torch.where(masked, self.mask_id, torch.where(randomised, random_ids, input_ids))
-        return {"input_ids": input_ids, "labels": labels}
+        # found here on the CPU, so the model gathers them without waiting on the GPU (see `SparseMLM`)
+        return {"input_ids": input_ids, "labels": labels, "masked_positions": selected.flatten().nonzero().squeeze(1)}
 
 
 
@@ -165,7 +166,9 @@ class SparseMLM(torch.nn.Module):
     """Wraps an `...ForMaskedLM` model; the vocabulary projection runs only where labels are set.
 
     Being the module the Trainer trains (rather than a `compute_loss` override), it stays correct under
-    DDP, where only the wrapped module's forward synchronises gradients.
+    DDP, where only the wrapped module's forward synchronises gradients. `masked_positions` (flat indices of
+    the labelled positions, from `MaskingCollator`) lets it gather them without finding them on the device: a
+    boolean index there waits for the GPU every step and breaks a `torch.compile` graph in two.
     """
 
     def __init__(self, mlm: torch.nn.Module):
@@ -180,16 +183,17 @@ class SparseMLM(torch.nn.Module):
                 self._keys_to_ignore_on_save.append(key)
             seen.add(where)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        selected = labels != -100
-        logits = mlm_head(self.mlm)(hidden[selected])
-        target = labels[selected]
+        if masked_positions is None:
+            masked_positions = (labels != -100).flatten().nonzero().squeeze(1)
+        target = labels.flatten().index_select(0, masked_positions)
+        logits = mlm_head(self.mlm)(hidden.flatten(0, 1).index_select(0, masked_positions))
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
         correct = (logits.argmax(-1) == target).sum()
-        n = target.numel()
-        return {"loss": loss / max(n, 1), "loss_sum": loss.detach(), "correct": correct, "count": torch.tensor(n)}
+        n = torch.tensor(target.shape[0], device=target.device)
+        return {"loss": loss / n.clamp(min=1), "loss_sum": loss.detach(), "correct": correct, "count": n}
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         state = super().state_dict(*args, **kwargs)
@@ -199,6 +203,21 @@ class SparseMLM(torch.nn.Module):
 
     def tie_weights(self) -> None:
         self.mlm.tie_weights()
+
+
+def attention_outside_compile(model: torch.nn.Module) -> None:
+    """Keep SDPA out of `torch.compile`'s graphs, so training with attention dropout runs FlashAttention.
+
+    Inside a compiled graph, SDPA with dropout is decomposed into matmuls, a softmax and a dropout (in fp32 on an
+    H200 profile, `benchmarks/mlm_throughput.py --profile`), not a fused kernel; outside it PyTorch picks Flash or
+    memory-efficient attention. The price is a graph break per layer. Registered as an attention implementation
+    of transformers, so it works for every family that supports "sdpa".
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sdpa_outside_compile", torch.compiler.disable(sdpa_attention_forward))
+    model.set_attn_implementation("sdpa_outside_compile")
 
 
 @torch.no_grad()

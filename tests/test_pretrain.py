@@ -60,6 +60,7 @@ def test_masking_recipe_is_dynamic_and_only_on_real_tokens(tok):
     masked = (a["input_ids"] == tok.mask_token_id) & selected
     assert 0.7 < masked.sum() / selected.sum() < 0.9
     assert torch.equal(a["input_ids"][~selected], blocks[~selected])
+    assert torch.equal(a["masked_positions"], selected.flatten().nonzero().squeeze(1))  # what SparseMLM gathers
 
 
 def test_validation_masks_are_fixed(tok):
@@ -76,6 +77,14 @@ def test_sparse_loss_equals_full_vocabulary_loss(tiny_bert, tok):
     sparse = SparseMLM(mlm)(**batch)
     assert torch.allclose(full, sparse["loss"], atol=1e-5)
     assert sparse["count"].item() == (batch["labels"] != -100).sum().item()
+    # without the collator's positions (a batch from elsewhere) it finds them itself
+    assert torch.equal(SparseMLM(mlm)(input_ids=batch["input_ids"], labels=batch["labels"])["loss"], sparse["loss"])
+    # attention kept out of compiled graphs (the GPU benchmark's `ours_flash`) is the same computation
+    from stages.mlm import attention_outside_compile
+
+    attention_outside_compile(mlm)
+    assert mlm.config._attn_implementation == "sdpa_outside_compile"
+    assert torch.allclose(SparseMLM(mlm)(**batch)["loss"], sparse["loss"], atol=1e-6)
 
 
 def stopping_with(monkeypatch, tmp_path, scores, **overrides):
