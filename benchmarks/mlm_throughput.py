@@ -2,7 +2,10 @@
 
 Three training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
 - `ours`: `stages.pretrain`'s step (`stages/mlm.py`): `MaskingCollator`, the MLM head at masked positions
-  only (`SparseMLM`), SDPA attention; on a GPU also bf16 autocast, fused AdamW and `torch.compile`;
+  only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
+  autocast, TF32, fused AdamW, pinned batches and `torch.compile` (`pretrain.torch_compile`), the same step
+  without compiling (`ours_eager`), and compiled with attention left out of the graphs so that it runs
+  FlashAttention (`ours_flash`, `stages.mlm.attention_outside_compile`);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
 - `line_by_line`: `run_mlm.py --line_by_line`: one document per row, truncated and padded to the longest.
@@ -11,7 +14,9 @@ vocabulary projection at every position (6 x parameters + attention), so the sto
 comparable with published BERT numbers; the sparse head does less work for the same tokens.
 
 A correctness check comes first: on the same batch and weights, the sparse loss must equal the stock
-full-vocabulary loss (`sparse_vs_full_loss_diff`), and every recipe's loss must fall over its timed steps.
+full-vocabulary loss (`sparse_vs_full_loss_diff`), and every recipe's loss must fall over its timed steps. On a
+GPU the compiled and eager steps start from the same weights and batch, so their first losses must agree
+(`compiled_vs_eager_loss_diff`).
 
 Model: on CPU the demo base model (`models/general`: BERT, 6 layers) with a new MLM head; on a GPU a
 BERT-base configuration with random weights (`--model` overrides either). Tokenizer: `--tokenizer`, default
@@ -34,11 +39,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
-    DataCollatorForLanguageModeling  # noqa: E402
+import yaml
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+)
 
-from stages.mlm import MaskingCollator, SparseMLM, pack  # noqa: E402
+from stages.mlm import MaskingCollator, SparseMLM, attention_outside_compile, pack
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -50,10 +60,18 @@ def build_model(name: str | None, cuda: bool, vocab_size: int) -> torch.nn.Modul
 
 
 def flops_per_token(model: torch.nn.Module, seq: int) -> float:
-    """6 x parameters (each token's vocabulary projection included) + attention scores and values."""
+    """6 x the parameters that multiply (each token's vocabulary projection included) + attention's matmuls.
+
+    Embedding tables are lookups, not matmuls, except the word embeddings' second life as the tied vocabulary
+    projection. For BERT-base at length 128 this is 669 MFLOP per token, which puts the stock recipe's 322k
+    tokens/s on an H100 at the 22% MFU quoted for it.
+    """
     c = model.config
-    params = sum(p.numel() for p in model.parameters()) + c.vocab_size * c.hidden_size  # the untied-equivalent head
-    params -= (c.max_position_embeddings + c.type_vocab_size) * c.hidden_size  # lookups, not matmuls
+    lookups = {id(p) for p in model.base_model.embeddings.parameters() if p.dim() == 2}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
+    projection = model.get_output_embeddings().weight
+    if id(projection) in lookups:  # tied: counted above only as a lookup
+        params += projection.numel()
     return 6 * params + 12 * c.num_hidden_layers * c.hidden_size * seq
 
 
@@ -72,10 +90,11 @@ def timed(step, batches: list[dict], warmup: int, device: torch.device) -> tuple
     return time.perf_counter() - start, tokens, [float(x) for x in losses]  # one sync per loss, after timing
 
 
-def make_step(model: torch.nn.Module, sparse: bool, device: torch.device, cuda: bool):
+def make_step(model: torch.nn.Module, sparse: bool, compiled: bool, device: torch.device, cuda: bool,
+              compile_mode: str | None = None):
     module = SparseMLM(model) if sparse else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
-    forward = torch.compile(module) if sparse and cuda else module
+    forward = torch.compile(module, mode=compile_mode) if compiled else module
 
     def step(batch: dict) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -90,12 +109,32 @@ def make_step(model: torch.nn.Module, sparse: bool, device: torch.device, cuda: 
     return step
 
 
+def profile(step, batches: list[dict]) -> None:
+    """Device time of some steps by kind of kernel, then the heaviest kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for b in batches:
+            step(b)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    kinds = {"matmul": ("gemm", "cutlass", "nvjet", "xmma", "cublas"), "attention": ("flash", "fmha", "attention"),
+             "optimizer": ("adam", "foreach", "multi_tensor"), "fused (triton)": ("triton",)}
+    total = sum(e.self_device_time_total for e in events)
+    by_kind: dict[str, float] = {}
+    for e in events:
+        kind = next((k for k, keys in kinds.items() if any(x in e.key.lower() for x in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0) + e.self_device_time_total
+    print(f"device time per step: {total / len(batches) / 1e3:.1f} ms; " + ", ".join(
+        f"{k} {v / total:.0%}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"{e.self_device_time_total / total:6.1%} {e.count // len(batches):4d}/step  {e.key[:110]}")
+
+
 @torch.no_grad()
 def loss_difference(model: torch.nn.Module, batch: dict, device: torch.device, cuda: bool) -> float:
     """|sparse loss - full-vocabulary loss| on one batch: the sparse head must change speed, not the loss."""
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        full = model(**batch).loss.float()
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.float()
         sparse = SparseMLM(model)(**batch)["loss"]
     return abs(float(full) - float(sparse))
 
@@ -108,9 +147,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default: 16 on CPU, 256 on a GPU")
     parser.add_argument("--steps", type=int, help="timed steps per recipe; default 30 on CPU (10 swing the ratio "
                                                   "by +-0.2 on a shared 2-core machine), 50 on a GPU")
+    parser.add_argument("--compile-mode", help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="on a GPU, profile N more steps of ours and print where the device time goes")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:  # what `stages.pretrain`'s TrainingArguments(tf32=True) sets
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     batch, steps, warmup = args.batch or (256 if cuda else 16), args.steps or (50 if cuda else 30), 10 if cuda else 2
     torch.manual_seed(0)
 
@@ -128,7 +172,8 @@ def main() -> None:
     ours_collate = MaskingCollator(tok, 0.15, 0.8, 0.1)
     stock_collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
     lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in texts[:n]]
-    chunks = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]  # noqa: E731
+    lines = (lines * (n // len(lines) + 1))[:n]  # a small corpus is repeated, as its blocks are
+    chunks = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]
     results, flops, losses = {}, None, {}
     torch.manual_seed(0)
     model = build_model(args.model, cuda, len(tok)).to(device).eval()
@@ -136,15 +181,24 @@ def main() -> None:
     diff = loss_difference(model, {**check, "attention_mask": torch.ones_like(check["input_ids"])}, device, cuda)
     print(f"sparse vs full-vocabulary loss on one batch: |difference| = {diff:.2e}")
     del model
-    for name, sparse, data in (
-        ("ours", True, [ours_collate(c) for c in chunks(rows)]),
-        ("stock", False, [stock_collate(c) for c in chunks(rows)]),
-        ("line_by_line", False, [stock_collate([{"input_ids": x} for x in c]) for c in chunks(lines)]),
-    ):
+    pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if cuda else (lambda b: b)
+    ours_data = [pin(ours_collate(c)) for c in chunks(rows)]
+    gpu_only = [("ours_eager", True, False, ours_data), ("ours_flash", True, True, ours_data)] if cuda else []
+    recipes = [
+        ("ours", True, cuda, ours_data), *gpu_only,
+        ("stock", False, False, [pin(stock_collate(c)) for c in chunks(rows)]),
+        ("line_by_line", False, False, [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)]),
+    ]
+    for name, sparse, compiled, data in recipes:
         torch.manual_seed(0)
         model = build_model(args.model, cuda, len(tok)).to(device).train()
+        if name == "ours_flash":
+            attention_outside_compile(model)
         flops = flops_per_token(model, args.seq)
-        seconds, tokens, losses[name] = timed(make_step(model, sparse, device, cuda), data, warmup, device)
+        step = make_step(model, sparse, compiled, device, cuda, args.compile_mode)
+        seconds, tokens, losses[name] = timed(step, data, warmup, device)
+        if name == "ours" and cuda and args.profile:
+            profile(step, data[-args.profile:])
         results[name] = tokens / seconds
         print(f"{name:>13}: {tokens / seconds:10,.0f} real tokens/s ({tokens:,} tokens in {seconds:.1f} s); "
               f"loss {losses[name][0]:.2f} -> {losses[name][-1]:.2f}", flush=True)
@@ -167,6 +221,11 @@ def main() -> None:
         "ratio_vs_line_by_line": round(results["ours"] / results["line_by_line"], 3),
         "mfu": round(mfu["ours"], 4) if mfu else None,
         "stock_mfu": round(mfu["stock"], 4) if mfu else None,
+        "eager_tokens_per_s": round(results["ours_eager"]) if cuda else None,
+        "eager_mfu": round(mfu["ours_eager"], 4) if mfu else None,
+        "compiled_vs_eager_loss_diff": abs(losses["ours"][0] - losses["ours_eager"][0]) if cuda else None,
+        "flash_tokens_per_s": round(results["ours_flash"]) if cuda else None,
+        "flash_mfu": round(mfu["ours_flash"], 4) if mfu else None,
         "batch": batch, "seq": args.seq,
         "sparse_vs_full_loss_diff": diff,
         "losses_fall": all(v[-1] < v[0] for v in losses.values()),
