@@ -5,6 +5,7 @@ import pickle
 import pytest
 from datatrove.data import Document
 
+from stages import filters
 from stages.filters import Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, SizeFilter, \
     StripMarkup, build_steps, check_steps, fingerprint
 
@@ -23,6 +24,19 @@ def test_normalise_fixes_mojibake_unicode_forms_controls_and_spacing():
     assert Normalise(form="NFKC").format("ﬁle") == "file"
     with pytest.raises(ValueError, match="NFC or NFKC"):
         Normalise(form="NFD")
+
+
+@pytest.mark.parametrize("text", [
+    "Copyright Â© 2020 the authors\nAll rights reserved.\nThe â€œSoftwareâ€\x9d is provided &amp; so on.\n",
+    "Tom &amp; Jerry\n<p>a &lt;tag&gt; line</p>\nafter it: caf\u00e9 &amp; more\nplain &amp; ascii\n",
+    "a &lt; b\nthen &amp; c\n",  # an entity that becomes "<" does not stop the unescaping
+    "ﬁne print\r\nCRLF line\r\n\x1b[31mred\x1b[0m text\nno newline at the end Ã©",
+    "",
+])
+def test_fix_text_is_ftfy_on_the_lines_it_can_change(text):
+    import ftfy
+
+    assert filters.fix_text(text) == ftfy.fix_text(text)
 
 
 def test_markup_is_stripped_only_where_present():
@@ -80,6 +94,20 @@ def test_decontamination_reasons():
     assert d.filter(doc(f"intro words here {boiler} something else entirely different")) is True
     # the index is rebuilt after pickling (Python's hash is salted per process)
     assert pickle.loads(pickle.dumps(d)).filter(doc(near)) == (False, "contaminated_near")
+
+
+def test_decontamination_index_is_built_once_per_process(monkeypatch):
+    built = []
+    index_of = Decontaminate._index_of
+    monkeypatch.setattr(filters, "_INDEXES", {})
+    monkeypatch.setattr(Decontaminate, "_index_of", lambda self: built.append(self) or index_of(self))
+    text = "the licensee may copy and distribute verbatim copies of the program source code as received"
+    first = Decontaminate([text], [], ngram=8)
+    second = pickle.loads(pickle.dumps(first))  # what each datatrove task of a worker gets
+    assert first.filter(doc(text)) == second.filter(doc(text)) == (False, "contaminated_exact")
+    assert len(built) == 1
+    other = Decontaminate([text], [], ngram=13)  # other settings, another index
+    assert other.filter(doc(text.upper())) == (False, "contaminated_exact") and len(built) == 2
 
 
 def test_fingerprint_ignores_case_and_spacing():
