@@ -31,6 +31,7 @@ run: install  ## the whole pipeline on the configured data (the built-in demo by
 GPU_PARAMS := -S ingest.demo.max_per_licence=60 -S ingest.demo.max_train=4000 -S ingest.demo.max_dev=800 \
   -S pretrain.batch_size=64 -S pretrain.max_steps=4000 -S pretrain.head_warmup_steps=300 \
   -S pretrain.eval_steps=250 -S pretrain.save_steps=500 -S pretrain.max_eval_blocks=512 -S pretrain.patience=4 \
+  -S pretrain.torch_compile=true \
   -S finetune.training.epochs=5 -S finetune.training.max_seq_length=128 -S 'finetune.seeds=[0,1,2,3,4]' \
   -S 'pretrain.snapshots=[0,12,25,50]'
 

@@ -168,7 +168,9 @@ class SparseMLM(torch.nn.Module):
     Being the module the Trainer trains (rather than a `compute_loss` override), it stays correct under
     DDP, where only the wrapped module's forward synchronises gradients. `masked_positions` (flat indices of
     the labelled positions, from `MaskingCollator`) lets it gather them without finding them on the device: a
-    boolean index there waits for the GPU every step and breaks a `torch.compile` graph in two.
+    boolean index there waits for the GPU every step and breaks a `torch.compile` graph in two. They index the
+    whole batch, so the batch must not be split further (`nn.DataParallel`): `stages.pretrain` runs one process
+    per GPU.
     """
 
     def __init__(self, mlm: torch.nn.Module):
@@ -192,7 +194,7 @@ class SparseMLM(torch.nn.Module):
         logits = mlm_head(self.mlm)(hidden.flatten(0, 1).index_select(0, masked_positions))
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
         correct = (logits.argmax(-1) == target).sum()
-        n = torch.tensor(target.shape[0], device=target.device)
+        n = target.new_full((), target.shape[0])  # made on the device: a tensor copied from the host waits for it
         return {"loss": loss / n.clamp(min=1), "loss_sum": loss.detach(), "correct": correct, "count": n}
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -211,12 +213,15 @@ def attention_outside_compile(model: torch.nn.Module) -> None:
     Inside a compiled graph, SDPA with dropout is decomposed into matmuls, a softmax and a dropout (in fp32 on an
     H200 profile, `benchmarks/mlm_throughput.py --profile`), not a fused kernel; outside it PyTorch picks Flash or
     memory-efficient attention. The price is a graph break per layer. Registered as an attention implementation
-    of transformers, so it works for every family that supports "sdpa".
+    of transformers, with SDPA's attention masks (padding, ModernBERT's local windows), so it works for every
+    family that supports "sdpa".
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register("sdpa_outside_compile", torch.compiler.disable(sdpa_attention_forward))
+    AttentionMaskInterface.register("sdpa_outside_compile", sdpa_mask)
     model.set_attn_implementation("sdpa_outside_compile")
 
 

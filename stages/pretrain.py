@@ -292,6 +292,7 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         optim="adamw_torch_fused" if cuda else "adamw_torch", torch_compile=p.torch_compile,
         dataloader_drop_last=True, dataloader_pin_memory=cuda, dataloader_num_workers=p.dataloader_workers,
         remove_unused_columns=False, disable_tqdm=False,
+        logging_nan_inf_filter=False,  # its check reads every step's loss on the host: a GPU sync per step
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
     )
 
@@ -337,6 +338,10 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     start, work = paths.init_dir(variant), paths.checkpoints / variant
     # first: under torchrun/accelerate, TrainingArguments joins the processes (every one trains, one writes)
     args = training_args(p, work / "trainer", p.learning_rate, p.max_steps, p.warmup_ratio, p.seed + 1, save=True)
+    if args.n_gpu > 1:  # the Trainer would split each batch over them with nn.DataParallel, which SparseMLM's
+        # batch-wide masked positions do not survive; DDP (one process per GPU) is also the faster way
+        raise ValueError(f"pretrain: one process sees {args.n_gpu} GPUs; set pretrain.launcher to 'torchrun "
+                         f"--nproc_per_node {args.n_gpu}' (one process per GPU), or CUDA_VISIBLE_DEVICES to one GPU")
     state = PartialState()
     main = state.is_main_process
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from stages import mlm, pretrain
+from stages.mlm import attention_outside_compile
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, \
     pack, run
 from stages.common import write_json
@@ -80,11 +81,24 @@ def test_sparse_loss_equals_full_vocabulary_loss(tiny_bert, tok):
     # without the collator's positions (a batch from elsewhere) it finds them itself
     assert torch.equal(SparseMLM(mlm)(input_ids=batch["input_ids"], labels=batch["labels"])["loss"], sparse["loss"])
     # attention kept out of compiled graphs (the GPU benchmark's `ours_flash`) is the same computation
-    from stages.mlm import attention_outside_compile
 
+
+def test_attention_outside_compile_is_the_same_attention_masks_included(tiny_bert, tok):
+    """The GPU benchmark's `ours_flash`: padding masks must reach it (transformers drops masks for an attention
+    implementation it has no mask function for)."""
+    mlm = AutoModelForMaskedLM.from_pretrained(tiny_bert).eval()
+    batch = tok(["the licensor grants the licensee a licence", "the software"], padding=True, return_tensors="pt")
+    assert not batch["attention_mask"].all()
+    before = mlm(**batch).logits
     attention_outside_compile(mlm)
     assert mlm.config._attn_implementation == "sdpa_outside_compile"
-    assert torch.allclose(SparseMLM(mlm)(**batch)["loss"], sparse["loss"], atol=1e-6)
+    torch.testing.assert_close(mlm(**batch).logits, before)
+
+
+def test_several_gpus_in_one_process_are_refused(monkeypatch, project):
+    monkeypatch.setattr(pretrain.TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match="one process sees 2 GPUs.*torchrun --nproc_per_node 2"):
+        run(P, project, "domain")
 
 
 def stopping_with(monkeypatch, tmp_path, scores, **overrides):
