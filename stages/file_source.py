@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -147,35 +147,44 @@ def _label(record: dict, column: str, where: str) -> str:
     return str(value)
 
 
-def _read(path: Path, text_column: str, label_column: str | None) -> list[dict]:
-    """Records of every file under `path` as `{"id", "text"}` (plus `"label"` when label_column is given)."""
-    files = input_files(path)
+def _gather(path: Path, files: list[Path], rows: Callable[[Path, str], Iterable[dict]], what: str,
+            none: str) -> list[dict]:
+    """The rows of every file, `rows(file, name)` naming each by its path under `path`. An unreadable file fails
+    naming it, an empty one is skipped with a warning, and no rows at all is an error (`none` says why)."""
     root = path if path.is_dir() else path.parent
-    columns = [text_column] + ([label_column] if label_column else [])
-    docs = []
+    out: list[dict] = []
     for file in files:
-        if label_column and file.suffix.lower() not in TABULAR:
-            raise ValueError(f"{file}: labelled examples need named columns; use one of {', '.join(TABULAR)}")
-        name = file.relative_to(root).as_posix()
-        line_based = file.suffix.lower() in LINE_BASED
-        before = len(docs)
+        before = len(out)
         try:
-            for n, record in _records(file, columns):
-                where = f"{file}:{n}" if line_based else f"{file} row {n}"
-                text = _text(record, text_column, where)
-                if not text.strip():
-                    continue
-                doc = {"id": f"{name}:{n}", "text": text.strip()}
-                if label_column:
-                    doc["label"] = _label(record, label_column, where)
-                docs.append(doc)
+            out.extend(rows(file, file.relative_to(root).as_posix()))
         except OSError as e:  # unreadable: permissions, a broken link, an I/O error
             raise ValueError(f"{file}: cannot read: {e.strerror or e}") from e
-        if len(docs) == before:
-            log.warning("%s: no documents (empty file); skipped", file)
-    if not docs:
-        raise ValueError(f"{path}: no documents (every text was empty)")
-    return docs
+        if len(out) == before:
+            log.warning("%s: no %s (empty file); skipped", file, what)
+    if not out:
+        raise ValueError(f"{path}: no {what} ({none})")
+    return out
+
+
+def _read(path: Path, text_column: str, label_column: str | None) -> list[dict]:
+    """Records of every file under `path` as `{"id", "text"}` (plus `"label"` when label_column is given)."""
+    columns = [text_column] + ([label_column] if label_column else [])
+
+    def docs(file: Path, name: str) -> Iterator[dict]:
+        if label_column and file.suffix.lower() not in TABULAR:
+            raise ValueError(f"{file}: labelled examples need named columns; use one of {', '.join(TABULAR)}")
+        line_based = file.suffix.lower() in LINE_BASED
+        for n, record in _records(file, columns):
+            where = f"{file}:{n}" if line_based else f"{file} row {n}"
+            text = _text(record, text_column, where)
+            if not text.strip():
+                continue
+            doc = {"id": f"{name}:{n}", "text": text.strip()}
+            if label_column:
+                doc["label"] = _label(record, label_column, where)
+            yield doc
+
+    return _gather(path, input_files(path), docs, "documents", "every text was empty")
 
 
 def read_documents(path: Path, text_column: str = "text") -> list[dict]:
@@ -251,23 +260,14 @@ def read_tagged(path: Path, tokens_column: str = "tokens", tags_column: str = "t
     `clean` decontaminates the domain corpus against. The id's line is the sentence's first line.
     """
     path = Path(path)
-    root = path if path.is_dir() else path.parent
-    sentences = []
-    for file in input_files(path, TAGGED):
+
+    def sentences(file: Path, name: str) -> Iterator[dict]:
         suffix = file.suffix.lower()
         if suffix not in TAGGED:
             raise ValueError(f"{file}: unsupported file type {file.suffix!r} for tagged sentences; "
                              f"supported: {', '.join(TAGGED)}")
-        name = file.relative_to(root).as_posix()
-        before = len(sentences)
-        try:
-            records = _conll_sentences(file) if suffix in CONLL else _jsonl_sentences(file, tokens_column, tags_column)
-            for n, rec in records:
-                sentences.append({"id": f"{name}:{n}", **rec, "text": " ".join(rec["tokens"])})
-        except OSError as e:  # unreadable: permissions, a broken link, an I/O error
-            raise ValueError(f"{file}: cannot read: {e.strerror or e}") from e
-        if len(sentences) == before:
-            log.warning("%s: no sentences (empty file); skipped", file)
-    if not sentences:
-        raise ValueError(f"{path}: no sentences (every file was empty)")
-    return sentences
+        records = _conll_sentences(file) if suffix in CONLL else _jsonl_sentences(file, tokens_column, tags_column)
+        for n, rec in records:
+            yield {"id": f"{name}:{n}", **rec, "text": " ".join(rec["tokens"])}
+
+    return _gather(path, input_files(path, TAGGED), sentences, "sentences", "every file was empty")
