@@ -76,8 +76,9 @@ def fix_text(text: str) -> str:
     """
     out, entities = [], True
     for line in _LINE.findall(text):
-        out.append(line if _FTFY_NOOP.fullmatch(line) else ftfy.fix_text(line, unescape_html="auto" if entities else False))
+        fixed = line if _FTFY_NOOP.fullmatch(line) else ftfy.fix_text(line, unescape_html="auto" if entities else False)
         entities = entities and "<" not in line  # ftfy looks at the line before fixing it
+        out.append(fixed)
     return "".join(out)
 
 
@@ -96,6 +97,8 @@ class Normalise(BaseFormatter):
         if not text.isascii():
             # lone surrogates (from JSON "\udXXX" escapes) cannot be written as UTF-8
             text = _SURROGATE.sub("\ufffd", text)
+        # an ASCII text without entities or terminal escapes skips ftfy altogether: its control characters and
+        # line breaks are handled below, as they always were
         if self.ftfy and (not text.isascii() or "&" in text or "\x1b" in text):
             text = fix_text(text)
         text = unicodedata.normalize(self.form, text).replace("\r\n", "\n").replace("\r", "\n")
