@@ -1,11 +1,11 @@
 """MLM training throughput: this project's step against the stock Transformers recipe, same model and data.
 
-Three training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
+Training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
 - `ours`: `stages.pretrain`'s step (`stages/mlm.py`): `MaskingCollator`, the MLM head at masked positions
   only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
-  autocast, TF32, fused AdamW, pinned batches and `torch.compile` (`pretrain.torch_compile`), the same step
-  without compiling (`ours_eager`), and compiled with attention left out of the graphs so that it runs
-  FlashAttention (`ours_flash`, `stages.mlm.attention_outside_compile`);
+  autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer
+  compiled on its own (`stages.mlm.compile_layers`). On a GPU two variants of it are timed too: `ours_eager`
+  (not compiled) and `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
 - `line_by_line`: `run_mlm.py --line_by_line`: one document per row, truncated and padded to the longest.
@@ -48,7 +48,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
 )
 
-from stages.mlm import MaskingCollator, SparseMLM, attention_outside_compile, pack
+from stages.mlm import MaskingCollator, SparseMLM, compile_layers, pack
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -90,11 +90,14 @@ def timed(step, batches: list[dict], warmup: int, device: torch.device) -> tuple
     return time.perf_counter() - start, tokens, [float(x) for x in losses]  # one sync per loss, after timing
 
 
-def make_step(model: torch.nn.Module, sparse: bool, compiled: bool, device: torch.device, cuda: bool,
+def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device: torch.device, cuda: bool,
               compile_mode: str | None = None):
+    """One training step; `compiled`: None, "layers" (`compile_layers`) or "whole"."""
+    if compiled == "layers":
+        compile_layers(model, compile_mode)
     module = SparseMLM(model) if sparse else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
-    forward = torch.compile(module, mode=compile_mode) if compiled else module
+    forward = torch.compile(module, mode=compile_mode) if compiled == "whole" else module
 
     def step(batch: dict) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -148,7 +151,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default: 16 on CPU, 256 on a GPU")
     parser.add_argument("--steps", type=int, help="timed steps per recipe; default 30 on CPU (10 swing the ratio "
                                                   "by +-0.2 on a shared 2-core machine), 50 on a GPU")
-    parser.add_argument("--compile-mode", help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", help="torch.compile mode for ours (default: the default mode)")
+    parser.add_argument("--recipes", help="comma-separated recipes to run (default: all; ours and stock always run)")
+    parser.add_argument("--budget", type=float, default=float("inf"), metavar="S",
+                        help="skip the optional recipes that would start after S seconds")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="on a GPU, profile N more steps of ours and print where the device time goes")
     args = parser.parse_args()
@@ -184,26 +190,31 @@ def main() -> None:
     del model
     pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if cuda else (lambda b: b)
     ours_data = [pin(ours_collate(c)) for c in chunks(rows)]
-    gpu_only = [("ours_eager", True, False, ours_data), ("ours_flash", True, True, ours_data)] if cuda else []
-    recipes = [
-        ("ours", True, cuda, ours_data), *gpu_only,
-        ("stock", False, False, [pin(stock_collate(c)) for c in chunks(rows)]),
-        ("line_by_line", False, False, [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)]),
-    ]
+    # (name, sparse head, compiled, data); compiled recipes compile during their warm-up steps
+    stock_data = [pin(stock_collate(c)) for c in chunks(rows)]
+    recipes = [("stock", False, None, stock_data), ("ours", True, "layers" if cuda else None, ours_data),
+               ("line_by_line", False, None,
+                [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)])]
+    if cuda:
+        recipes += [("ours_eager", True, None, ours_data), ("ours_whole", True, "whole", ours_data)]
+    wanted = set(args.recipes.split(",")) | {"ours", "stock"} if args.recipes else {r[0] for r in recipes}
+    began = time.perf_counter()
     for name, sparse, compiled, data in recipes:
+        if name not in wanted or (name not in ("ours", "stock") and time.perf_counter() - began > args.budget):
+            continue
         torch.manual_seed(0)
         model = build_model(args.model, cuda, len(tok)).to(device).train()
-        if name == "ours_flash":
-            attention_outside_compile(model)
         flops = flops_per_token(model, args.seq)
         step = make_step(model, sparse, compiled, device, cuda, args.compile_mode)
+        start = time.perf_counter()
         seconds, tokens, losses[name] = timed(step, data, warmup, device)
+        results[name] = tokens / seconds
+        print(f"{name:>16}: {tokens / seconds:10,.0f} real tokens/s ({tokens:,} tokens in {seconds:.1f} s, "
+              f"{time.perf_counter() - start - seconds:.0f} s warm-up); loss {losses[name][0]:.2f} -> "
+              f"{losses[name][-1]:.2f}", flush=True)
         if name == "ours" and cuda and args.profile:
             profile(step, data[-args.profile:])
-        results[name] = tokens / seconds
-        print(f"{name:>13}: {tokens / seconds:10,.0f} real tokens/s ({tokens:,} tokens in {seconds:.1f} s); "
-              f"loss {losses[name][0]:.2f} -> {losses[name][-1]:.2f}", flush=True)
-        del model
+        del model, step
         if cuda:
             torch.cuda.empty_cache()
 
@@ -211,27 +222,23 @@ def main() -> None:
     mfu = {k: v * flops / peak for k, v in results.items()} if peak else None
     if mfu:
         print("MFU: " + ", ".join(f"{k} {v:.1%}" for k, v in mfu.items()))
-    print(f"ours / stock: {results['ours'] / results['stock']:.2f}x; ours / line-by-line: "
-          f"{results['ours'] / results['line_by_line']:.2f}x")
+    print(", ".join(f"ours / {k}: {results['ours'] / v:.2f}x" for k, v in results.items() if k != "ours"))
+    get = lambda d, k, digits=0: round(d[k], digits or None) if d and k in d else None
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "tokens_per_s": round(results["ours"]),
         "stock_tokens_per_s": round(results["stock"]),
-        "line_by_line_tokens_per_s": round(results["line_by_line"]),
+        "line_by_line_tokens_per_s": get(results, "line_by_line"),
         "ratio_vs_stock": round(results["ours"] / results["stock"], 3),
-        "ratio_vs_line_by_line": round(results["ours"] / results["line_by_line"], 3),
-        "mfu": round(mfu["ours"], 4) if mfu else None,
-        "stock_mfu": round(mfu["stock"], 4) if mfu else None,
-        "eager_tokens_per_s": round(results["ours_eager"]) if cuda else None,
-        "eager_mfu": round(mfu["ours_eager"], 4) if mfu else None,
-        "compiled_vs_eager_loss_diff": abs(losses["ours"][0] - losses["ours_eager"][0]) if cuda else None,
-        "flash_tokens_per_s": round(results["ours_flash"]) if cuda else None,
-        "flash_mfu": round(mfu["ours_flash"], 4) if mfu else None,
+        "mfu": get(mfu, "ours", 4),
+        "stock_mfu": get(mfu, "stock", 4),
+        **{f"{k}_tokens_per_s": round(v) for k, v in results.items() if k.startswith("ours_")},
+        **{f"{k}_mfu": round(v, 4) for k, v in (mfu or {}).items() if k.startswith("ours_")},
+        "compiled_vs_eager_loss_diff": abs(losses["ours"][0] - losses["ours_eager"][0]) if "ours_eager" in losses and cuda else None,
         "batch": batch, "seq": args.seq,
         "sparse_vs_full_loss_diff": diff,
         "losses_fall": all(v[-1] < v[0] for v in losses.values()),
     }))
-
 
 if __name__ == "__main__":
     main()

@@ -207,22 +207,26 @@ class SparseMLM(torch.nn.Module):
         self.mlm.tie_weights()
 
 
-def attention_outside_compile(model: torch.nn.Module) -> None:
-    """Keep SDPA out of `torch.compile`'s graphs, so training with attention dropout runs FlashAttention.
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer layers of a BERT, RoBERTa or ModernBERT model (bare or `...ForMaskedLM`)."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None) or getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"pretrain: no encoder layers found on {type(model).__name__}")
+    return layers
 
-    Inside a compiled graph, SDPA with dropout is decomposed into matmuls, a softmax and a dropout (in fp32 on an
-    H200 profile, `benchmarks/mlm_throughput.py --profile`), not a fused kernel; outside it PyTorch picks Flash or
-    memory-efficient attention. The price is a graph break per layer. Registered as an attention implementation
-    of transformers, with SDPA's attention masks (padding, ModernBERT's local windows), so it works for every
-    family that supports "sdpa".
+
+def compile_layers(model: torch.nn.Module, mode: str | None = None) -> None:
+    """Regional compilation: each encoder layer compiled in place (`pretrain.torch_compile`).
+
+    The layers share their code, so the compiler optimises one layer and reuses it for the others: seconds to
+    compile instead of the minute or more the whole model takes (`Trainer(torch_compile=True)`), one graph per
+    layer with no breaks, and a faster step (BERT-base on an H200: 603k real tokens/s against 552k for the
+    whole model, `benchmarks/mlm_throughput.py`). The state dict keeps its names (no `_orig_mod.` prefix in
+    checkpoints). Embeddings and the sparse head stay eager: a few percent of the step.
     """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register("sdpa_outside_compile", torch.compiler.disable(sdpa_attention_forward))
-    AttentionMaskInterface.register("sdpa_outside_compile", sdpa_mask)
-    model.set_attn_implementation("sdpa_outside_compile")
+    for layer in encoder_layers(model):
+        layer.compile(mode=mode)
 
 
 @torch.no_grad()

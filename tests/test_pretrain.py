@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from stages import mlm, pretrain
-from stages.mlm import attention_outside_compile
+from stages.mlm import compile_layers, encoder_layers
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, \
     pack, run
 from stages.common import write_json
@@ -80,19 +80,17 @@ def test_sparse_loss_equals_full_vocabulary_loss(tiny_bert, tok):
     assert sparse["count"].item() == (batch["labels"] != -100).sum().item()
     # without the collator's positions (a batch from elsewhere) it finds them itself
     assert torch.equal(SparseMLM(mlm)(input_ids=batch["input_ids"], labels=batch["labels"])["loss"], sparse["loss"])
-    # attention kept out of compiled graphs (the GPU benchmark's `ours_flash`) is the same computation
 
 
-def test_attention_outside_compile_is_the_same_attention_masks_included(tiny_bert, tok):
-    """The GPU benchmark's `ours_flash`: padding masks must reach it (transformers drops masks for an attention
-    implementation it has no mask function for)."""
+def test_compile_layers_is_the_same_model_and_keeps_its_names(tiny_bert, tok):
     mlm = AutoModelForMaskedLM.from_pretrained(tiny_bert).eval()
     batch = tok(["the licensor grants the licensee a licence", "the software"], padding=True, return_tensors="pt")
-    assert not batch["attention_mask"].all()
-    before = mlm(**batch).logits
-    attention_outside_compile(mlm)
-    assert mlm.config._attn_implementation == "sdpa_outside_compile"
+    before, names = mlm(**batch).logits, list(mlm.state_dict())
+    compile_layers(mlm)
     torch.testing.assert_close(mlm(**batch).logits, before)
+    assert list(mlm.state_dict()) == names  # checkpoints load into an uncompiled model
+    with pytest.raises(ValueError, match="no encoder layers found on Linear"):
+        encoder_layers(torch.nn.Linear(2, 2))
 
 
 def test_several_gpus_in_one_process_are_refused(monkeypatch, project):
@@ -150,13 +148,14 @@ def test_modernbert_head_is_found_and_sparse_loss_matches():
     assert torch.allclose(full, sparse, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["tiny_bert", "tiny_roberta"])
-def test_stage_trains_and_reports(project, family, request):
+@pytest.mark.parametrize("family,compiled", [("tiny_bert", False), ("tiny_roberta", True)])
+def test_stage_trains_and_reports(project, family, compiled, request):
     prepare(Path("."), project, request.getfixturevalue(family))
     start = AutoModelForMaskedLM.from_pretrained(project.init_dir("domain"))
     # lr 5e-3 and all validation blocks: at 1e-3 on 4 blocks, six steps sometimes left a random 2-layer model's
     # domain loss where it started (the fixture's tokenizer, and so the model, differs from run to run)
-    run(P.model_copy(update={"snapshots": [0, 50], "learning_rate": 5e-3, "max_eval_blocks": 32}), project, "domain")
+    run(P.model_copy(update={"snapshots": [0, 50], "learning_rate": 5e-3, "max_eval_blocks": 32,
+                             "torch_compile": compiled}), project, "domain")
     metrics = json.loads((project.metrics / "pretrain_domain.json").read_text())
     # the validation text is the training text: a working loop must beat its starting point
     assert metrics["best_step"] > 0 and metrics["domain_loss_best"] < metrics["domain_loss_start"], metrics
