@@ -38,7 +38,7 @@ from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
     write_json
 from stages.gopher import WhitespaceWordTokenizer
-from stages.filters import Decontaminate, build_steps, check_steps, fingerprint, named
+from stages.filters import Decontaminate, build_steps, check_steps, fingerprint, named, plain_row
 
 
 class NearDedupParams(Section):
@@ -195,7 +195,7 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
         return any(f.stat().st_size for f in (work / output).glob("*.jsonl"))
 
     def write(name: str):
-        return JsonlWriter(str(work / name), output_filename="${rank}.jsonl", compression=None)
+        return JsonlWriter(str(work / name), output_filename="${rank}.jsonl", compression=None, adapter=plain_row)
 
     exact = ExactDedupConfig(content_getter=dedup_key, hash_config=HashConfig(precision=64))
     near = MinhashConfig(n_grams=p.near_dedup.n_grams, num_buckets=p.near_dedup.bands,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,17 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def ngrams(words: list[str], n: int) -> set[int]:
-    """Hashed word n-grams. Python's hash is salted per process, so these sets never leave the process that
+def ngrams(words: list[str], n: int) -> list[int]:
+    """Hashed word n-grams, in order. Python's hash is salted per process, so these never leave the process that
     built them (`Decontaminate` builds its index lazily, in each worker)."""
-    return set(map(hash, zip(*(words[i:] for i in range(n)))))
+    return list(map(hash, zip(*(words[i:] for i in range(n)))))
+
+
+def longer_ngrams(grams: list[int], size: int, n: int) -> Iterator[int]:
+    """Hashed word n-grams (n >= size) from the hashed `size`-grams that cover them: a 13-gram is the 5-grams at
+    its words 0, 5 and 8. Cheaper than hashing n-word tuples, and as distinct (64-bit hashes of 64-bit hashes)."""
+    offsets = sorted({*range(0, n - size + 1, size), n - size})
+    return map(hash, zip(*(grams[o:] for o in offsets)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,7 +66,9 @@ def ngrams(words: list[str], n: int) -> set[int]:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
+# runs of spaces and tabs become one space: only runs that change are matched (not every single space, which
+# made this the slowest line of `Normalise`)
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]{2,}|[\t\u00a0\u2000-\u200b\u3000]")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 
 
@@ -259,6 +268,8 @@ class Decontaminate(BaseFilter):
     def __init__(self, eval_texts: Iterable[str], train_texts: Iterable[str], ngram: int = 13,
                  near_threshold: float = 0.8, num_perm: int = 128, seed: int = 1, exclusion_writer=None):
         super().__init__(exclusion_writer)
+        if 0 < ngram < self.SHINGLE:
+            raise ValueError(f"ngram must be 0 (off) or at least {self.SHINGLE} words, got {ngram}")
         self.ngram, self.near_threshold, self.num_perm, self.seed = ngram, near_threshold, num_perm, seed
         self.eval_texts, self.train_texts = list(eval_texts), list(train_texts)
         self._index = None
@@ -275,12 +286,13 @@ class Decontaminate(BaseFilter):
 
     def _index_of(self) -> dict[str, Any]:
         eval_words = [words_of(t) for t in self.eval_texts]
+        eval_grams = [ngrams(w, self.SHINGLE) for w in eval_words]
         eval_ngrams: set[int] = set()
         if self.ngram:
-            eval_ngrams = set().union(*(ngrams(w, self.ngram) for w in eval_words))
+            eval_ngrams = set().union(*(longer_ngrams(g, self.SHINGLE, self.ngram) for g in eval_grams))
             for t in self.train_texts:
-                eval_ngrams -= ngrams(words_of(t), self.ngram)
-        shingles = [ngrams(w, self.SHINGLE) for w in eval_words]
+                eval_ngrams.difference_update(longer_ngrams(ngrams(words_of(t), self.SHINGLE), self.SHINGLE, self.ngram))
+        shingles = [set(g) for g in eval_grams]
         # drawn once, not per document (it is a third of the cost of a small MinHash)
         self._permutations = MinHash(num_perm=self.num_perm, seed=self.seed, scheme="affine32").permutations
         # bands and rows tuned for recall: a false candidate costs one exact Jaccard, a miss leaks a test text
@@ -310,14 +322,18 @@ class Decontaminate(BaseFilter):
         if fingerprint(text) in self.fingerprints:
             return "exact"
         words = words_of(text)
-        shingles = ngrams(words, self.SHINGLE)
+        grams = ngrams(words, self.SHINGLE)
+        shingles = set(grams)
+        shared = len(shingles & self.all_shingles)  # 5-grams found in some evaluation text
         # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash
-        if shingles and len(shingles & self.all_shingles) >= self.near_threshold * len(shingles):
+        if shingles and shared >= self.near_threshold * len(shingles):
             for i in self.lsh.query(self._minhash(words)):
                 other = self.shingles[i]
-                if len(shingles & other) / len(shingles | other) >= self.near_threshold:
+                common = len(shingles & other)
+                if common / (len(shingles) + len(other) - common) >= self.near_threshold:
                     return "near"
-        if self.ngrams and not self.ngrams.isdisjoint(map(hash, zip(*(words[i:] for i in range(self.ngram))))):
+        # an evaluation n-gram's 5-grams are all evaluation 5-grams: without one, there is nothing to look up
+        if shared and self.ngrams and not self.ngrams.isdisjoint(longer_ngrams(grams, self.SHINGLE, self.ngram)):
             return "ngram"
         return None
 
@@ -330,12 +346,21 @@ class Decontaminate(BaseFilter):
 # dropped-document samples
 
 
+def plain_row(writer: JsonlWriter, doc: Document) -> dict:
+    """The row datatrove's writers make (fields in order, empty ones left out), without the deep copy of
+    `dataclasses.asdict`, which took a third of the writer's time. Documents with media keep the default."""
+    if doc.media:
+        return writer._default_adapter(doc)
+    return {k: v for k, v in (("text", doc.text), ("id", doc.id), ("metadata", doc.metadata)) if v}
+
+
 class DropSampleWriter(JsonlWriter):
     """Exclusion writer that keeps the first `per_reason` dropped documents of each reason (per task), in
     `<folder>/<reason>/<rank>.jsonl`: enough for a person to check what a filter drops, bounded on any corpus."""
 
     def __init__(self, folder: str | Path, per_reason: int, reason: str = "dropped"):
-        super().__init__(str(folder), output_filename="${filter_reason}/${rank}.jsonl", compression=None)
+        super().__init__(str(folder), output_filename="${filter_reason}/${rank}.jsonl", compression=None,
+                         adapter=plain_row)
         self.per_reason, self.reason = per_reason, reason
         self._seen: dict[str, int] = {}
 

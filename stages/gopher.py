@@ -240,6 +240,7 @@ class _PyNGrams:
 
     def __init__(self, words: list[str], cum_chars: list[int]):
         self.words, self.cum_chars = words, cum_chars
+        self._unique_from = len(words) + 1  # from this n on, all n-grams differ (as they do once n-grams do)
 
     def _grams(self, n: int) -> list[tuple[str, ...]]:
         return list(zip(*(self.words[i:] for i in range(n))))
@@ -247,11 +248,16 @@ class _PyNGrams:
     def top(self, n: int) -> tuple[int, int]:
         """(count, chars) of the most frequent n-gram; ties go to the first seen, as in Counter.most_common."""
         gram, count = Counter(self._grams(n)).most_common(1)[0]
+        if count == 1:
+            self._unique_from = min(self._unique_from, n)
         return count, sum(map(len, gram)) + n - 1
 
     def dup_chars(self, n: int, text_len: int, frac: float) -> int:
+        if n >= self._unique_from:
+            return 0
         grams = self._grams(n)
         if len(set(grams)) == len(grams):
+            self._unique_from = n
             return 0
         return _replay_find_all_duplicate(range(len(grams)), grams, self.cum_chars, n, text_len, frac)
 

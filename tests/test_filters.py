@@ -7,7 +7,7 @@ from datatrove.data import Document
 
 from stages import filters
 from stages.filters import Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, SizeFilter, \
-    StripMarkup, build_steps, check_steps, fingerprint
+    StripMarkup, build_steps, check_steps, fingerprint, longer_ngrams, ngrams, plain_row
 
 
 def doc(text: str) -> Document:
@@ -94,6 +94,33 @@ def test_decontamination_reasons():
     assert d.filter(doc(f"intro words here {boiler} something else entirely different")) is True
     # the index is rebuilt after pickling (Python's hash is salted per process)
     assert pickle.loads(pickle.dumps(d)).filter(doc(near)) == (False, "contaminated_near")
+
+
+@pytest.mark.parametrize("n", [5, 8, 13, 20])
+def test_longer_ngrams_from_5_grams_are_the_word_n_grams(n):
+    """Decontamination keys its n-gram runs by the 5-grams that cover them: equal keys iff equal n-grams."""
+    words = ("a b c d e f g h a b c d e f g h i a b c d e f g h " * 3).split()
+    keys = list(longer_ngrams(ngrams(words, 5), 5, n))
+    runs = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    assert len(keys) == len(runs)
+    assert all((keys[i] == keys[j]) == (runs[i] == runs[j]) for i in range(len(runs)) for j in range(len(runs)))
+    assert list(longer_ngrams(ngrams(words[:n - 1], 5), 5, n)) == []  # shorter than one run
+
+
+def test_decontamination_ngram_shorter_than_a_shingle_is_refused():
+    with pytest.raises(ValueError, match="ngram must be 0 .off. or at least 5 words, got 3"):
+        Decontaminate(["some text"], [], ngram=3)
+    assert Decontaminate(["some text"], [], ngram=0).filter(doc("other words entirely")) is True
+
+
+def test_rows_are_datatroves_without_the_deep_copy(tmp_path):
+    from datatrove.pipeline.writers import JsonlWriter
+
+    writer = JsonlWriter(str(tmp_path))
+    for d in (Document(text="t", id="1", metadata={"language": "en", "nested": {"a": [1, 2]}}),
+              Document(text="t", id="2")):
+        assert plain_row(writer, d) == writer._default_adapter(d)
+        assert list(plain_row(writer, d)) == list(writer._default_adapter(d))  # same key order, same JSON line
 
 
 def test_decontamination_index_is_built_once_per_process(monkeypatch):
