@@ -4,8 +4,10 @@ Training steps (forward, backward, AdamW), each timed in this one process on the
 - `ours`: `stages.pretrain`'s step (`stages/mlm.py`): `MaskingCollator`, the MLM head at masked positions
   only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
   autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer
-  compiled on its own (`stages.mlm.compile_layers`). On a GPU two variants of it are timed too: `ours_eager`
-  (not compiled) and `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does);
+  compiled on its own (`stages.mlm.compile_layers`). On a GPU variants of it are timed too: `ours_eager`
+  (not compiled), `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does) and
+  `ours_no_attention_dropout` (an experiment, not a recipe we ship: MosaicBERT's attention dropout 0, under
+  which a compiled graph can keep a fused attention kernel instead of decomposing it to apply dropout);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
 - `line_by_line`: `run_mlm.py --line_by_line`: one document per row, truncated and padded to the longest.
@@ -92,8 +94,13 @@ def timed(step, batches: list[dict], warmup: int, device: torch.device) -> tuple
 
 def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device: torch.device, cuda: bool,
               compile_mode: str | None = None):
-    """One training step; `compiled`: None, "layers" (`compile_layers`) or "whole"."""
-    if compiled == "layers":
+    """One training step; `compiled`: None, "layers" (`compile_layers`), "layers_no_attention_dropout"
+    (the same, attention dropout 0) or "whole"."""
+    if compiled == "layers_no_attention_dropout":
+        for m in model.modules():
+            if type(m).__name__.endswith("SelfAttention"):  # BERT's attention: its dropout is SDPA's dropout_p
+                m.dropout.p = 0.0
+    if compiled and compiled.startswith("layers"):
         compile_layers(model, compile_mode)
     module = SparseMLM(model) if sparse else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
@@ -196,7 +203,8 @@ def main() -> None:
                ("line_by_line", False, None,
                 [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)])]
     if cuda:
-        recipes += [("ours_eager", True, None, ours_data), ("ours_whole", True, "whole", ours_data)]
+        recipes += [("ours_eager", True, None, ours_data), ("ours_whole", True, "whole", ours_data),
+                    ("ours_no_attention_dropout", True, "layers_no_attention_dropout", ours_data)]
     wanted = set(args.recipes.split(",")) | {"ours", "stock"} if args.recipes else {r[0] for r in recipes}
     began = time.perf_counter()
     for name, sparse, compiled, data in recipes:

@@ -55,7 +55,7 @@ def ngrams(words: list[str], n: int) -> list[int]:
 
 def longer_ngrams(grams: list[int], size: int, n: int) -> Iterator[int]:
     """Hashed word n-grams (n >= size) from the hashed `size`-grams that cover them: a 13-gram is the 5-grams at
-    its words 0, 5 and 8. Cheaper than hashing n-word tuples, and as distinct (64-bit hashes of 64-bit hashes)."""
+    its words 0, 5 and 8. Cheaper than hashing n-word tuples, and as distinct (61-bit hashes of such hashes)."""
     offsets = sorted({*range(0, n - size + 1, size), n - size})
     return map(hash, zip(*(grams[o:] for o in offsets)))
 
@@ -268,7 +268,7 @@ class Decontaminate(BaseFilter):
     def __init__(self, eval_texts: Iterable[str], train_texts: Iterable[str], ngram: int = 13,
                  near_threshold: float = 0.8, num_perm: int = 128, seed: int = 1, exclusion_writer=None):
         super().__init__(exclusion_writer)
-        if 0 < ngram < self.SHINGLE:
+        if ngram < 0 or 0 < ngram < self.SHINGLE:
             raise ValueError(f"ngram must be 0 (off) or at least {self.SHINGLE} words, got {ngram}")
         self.ngram, self.near_threshold, self.num_perm, self.seed = ngram, near_threshold, num_perm, seed
         self.eval_texts, self.train_texts = list(eval_texts), list(train_texts)

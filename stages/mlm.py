@@ -210,7 +210,9 @@ class SparseMLM(torch.nn.Module):
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of transformer layers of a BERT, RoBERTa or ModernBERT model (bare or `...ForMaskedLM`)."""
     base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None) or getattr(getattr(base, "encoder", None), "layer", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(base, "encoder", None), "layer", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"pretrain: no encoder layers found on {type(model).__name__}")
     return layers
@@ -219,19 +221,26 @@ def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> None:
     """Regional compilation: each encoder layer compiled in place (`pretrain.torch_compile`).
 
-    The layers share their code, so the compiler optimises one layer and reuses it for the others: seconds to
-    compile instead of the minute or more the whole model takes (`Trainer(torch_compile=True)`), one graph per
-    layer with no breaks, and a faster step (BERT-base on an H200: 603k real tokens/s against 552k for the
-    whole model, `benchmarks/mlm_throughput.py`). The state dict keeps its names (no `_orig_mod.` prefix in
-    checkpoints). Embeddings and the sparse head stay eager: a few percent of the step.
+    The layers share their code, so the compiler builds a graph per kind of layer (one for BERT, three for
+    ModernBERT's first, global and local-attention layers) and reuses it for the others: seconds to compile
+    instead of the minute or more the whole model takes (`Trainer(torch_compile=True)`), and a faster step
+    (BERT-base on an H200: 603k real tokens/s against 552k for the whole model, `benchmarks/mlm_throughput.py`).
+    The state dict keeps its names (no `_orig_mod.` prefix in checkpoints). Embeddings and the sparse head stay
+    eager: a few percent of the step. `evaluate` runs eager.
     """
     for layer in encoder_layers(model):
         layer.compile(mode=mode)
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def evaluate(model: SparseMLM, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Token-weighted MLM loss, perplexity and masked-token accuracy on fixed batches."""
+    """Token-weighted MLM loss, perplexity and masked-token accuracy on fixed batches.
+
+    Eager even when the layers are compiled (`compile_layers`): evaluation graphs (eval mode, no grad, a smaller
+    last batch) would count against the compiler's limit of 8 versions per function, which ModernBERT's three
+    kinds of layer reach, and a smaller batch would make the training graphs shape-generic.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

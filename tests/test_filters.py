@@ -108,8 +108,9 @@ def test_longer_ngrams_from_5_grams_are_the_word_n_grams(n):
 
 
 def test_decontamination_ngram_shorter_than_a_shingle_is_refused():
-    with pytest.raises(ValueError, match="ngram must be 0 .off. or at least 5 words, got 3"):
-        Decontaminate(["some text"], [], ngram=3)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=f"ngram must be 0 .off. or at least 5 words, got {bad}"):
+            Decontaminate(["some text"], [], ngram=bad)
     assert Decontaminate(["some text"], [], ngram=0).filter(doc("other words entirely")) is True
 
 

@@ -93,6 +93,35 @@ def test_compile_layers_is_the_same_model_and_keeps_its_names(tiny_bert, tok):
         encoder_layers(torch.nn.Linear(2, 2))
 
 
+def test_evaluation_of_compiled_layers_adds_no_graphs():
+    """ModernBERT has three kinds of layer: evaluation graphs (eval mode, a smaller last batch) on top of the
+    warm-up's and training's would pass the compiler's limit of 8 and leave training eager without an error."""
+    from torch._dynamo.utils import counters
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    lm = ModernBertForMaskedLM(ModernBertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        global_attn_every_n_layers=3, local_attention=8, max_position_embeddings=64, pad_token_id=0))
+    lm.set_attn_implementation("sdpa")
+    model = SparseMLM(lm)
+    for layer in encoder_layers(lm):
+        layer.compile(backend="eager")  # the graphs are what counts here, not the code generated for them
+
+    def batch(n):
+        ids = torch.randint(5, 64, (n, 16))
+        labels = torch.full_like(ids, -100)
+        labels[:, ::4] = ids[:, ::4]
+        return {"input_ids": ids, "labels": labels}
+
+    model(**batch(4))["loss"].backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    scores = mlm.evaluate(model, [batch(4), batch(2)])
+    assert counters["stats"]["unique_graphs"] == graphs and model.training
+    assert scores["loss"] > 0
+
+
 def test_several_gpus_in_one_process_are_refused(monkeypatch, project):
     monkeypatch.setattr(pretrain.TrainingArguments, "n_gpu", property(lambda self: 2))
     with pytest.raises(ValueError, match="one process sees 2 GPUs.*torchrun --nproc_per_node 2"):
