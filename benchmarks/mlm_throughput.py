@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", help="torch.compile mode for ours (default: the default mode)")
     parser.add_argument("--recipes", help="comma-separated recipes to run (default: all; ours and stock always run)")
     parser.add_argument("--budget", type=float, default=float("inf"), metavar="S",
-                        help="skip the optional recipes that would start after S seconds")
+                        help="skip the optional recipes that would start S seconds after the first one")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="on a GPU, profile N more steps of ours and print where the device time goes")
     args = parser.parse_args()
@@ -170,6 +170,16 @@ def main() -> None:
     if cuda:  # what `stages.pretrain`'s TrainingArguments(tf32=True) sets
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     batch, steps, warmup = args.batch or (256 if cuda else 16), args.steps or (50 if cuda else 30), 10 if cuda else 2
+    # (name, sparse head, compiled, data); compiled recipes compile during their warm-up steps
+    recipes = [("stock", False, None, "stock"), ("ours", True, "layers" if cuda else None, "ours"),
+               ("line_by_line", False, None, "lines")]
+    if cuda:
+        recipes += [("ours_eager", True, None, "ours"), ("ours_whole", True, "whole", "ours"),
+                    ("ours_no_attention_dropout", True, "layers_no_attention_dropout", "ours")]
+    wanted = set(args.recipes.split(",")) | {"ours", "stock"} if args.recipes else {r[0] for r in recipes}
+    if unknown := wanted - {r[0] for r in recipes}:
+        sys.exit(f"--recipes: {', '.join(sorted(unknown))} unknown here; recipes on this {device.type}: "
+                 f"{', '.join(r[0] for r in recipes)}")
     torch.manual_seed(0)
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model or ROOT / "models" / "general")
@@ -185,8 +195,6 @@ def main() -> None:
 
     ours_collate = MaskingCollator(tok, 0.15, 0.8, 0.1)
     stock_collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
-    lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in texts[:n]]
-    lines = (lines * (n // len(lines) + 1))[:n]  # a small corpus is repeated, as its blocks are
     chunks = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]
     results, flops, losses = {}, None, {}
     torch.manual_seed(0)
@@ -196,18 +204,13 @@ def main() -> None:
     print(f"sparse vs full-vocabulary loss on one batch: |difference| = {diff:.2e}")
     del model
     pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if cuda else (lambda b: b)
-    ours_data = [pin(ours_collate(c)) for c in chunks(rows)]
-    # (name, sparse head, compiled, data); compiled recipes compile during their warm-up steps
-    stock_data = [pin(stock_collate(c)) for c in chunks(rows)]
-    recipes = [("stock", False, None, stock_data), ("ours", True, "layers" if cuda else None, ours_data),
-               ("line_by_line", False, None,
-                [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)])]
-    if cuda:
-        recipes += [("ours_eager", True, None, ours_data), ("ours_whole", True, "whole", ours_data),
-                    ("ours_no_attention_dropout", True, "layers_no_attention_dropout", ours_data)]
-    wanted = set(args.recipes.split(",")) | {"ours", "stock"} if args.recipes else {r[0] for r in recipes}
+    data = {"ours": [pin(ours_collate(c)) for c in chunks(rows)], "stock": [pin(stock_collate(c)) for c in chunks(rows)]}
+    if "line_by_line" in wanted:
+        lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in texts[:n]]
+        lines = (lines * (n // len(lines) + 1))[:n]  # a small corpus is repeated, as its blocks are
+        data["lines"] = [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)]
     began = time.perf_counter()
-    for name, sparse, compiled, data in recipes:
+    for name, sparse, compiled, key in recipes:
         if name not in wanted or (name not in ("ours", "stock") and time.perf_counter() - began > args.budget):
             continue
         torch.manual_seed(0)
@@ -215,13 +218,13 @@ def main() -> None:
         flops = flops_per_token(model, args.seq)
         step = make_step(model, sparse, compiled, device, cuda, args.compile_mode)
         start = time.perf_counter()
-        seconds, tokens, losses[name] = timed(step, data, warmup, device)
+        seconds, tokens, losses[name] = timed(step, data[key], warmup, device)
         results[name] = tokens / seconds
         print(f"{name:>16}: {tokens / seconds:10,.0f} real tokens/s ({tokens:,} tokens in {seconds:.1f} s, "
               f"{time.perf_counter() - start - seconds:.0f} s warm-up); loss {losses[name][0]:.2f} -> "
               f"{losses[name][-1]:.2f}", flush=True)
         if name == "ours" and cuda and args.profile:
-            profile(step, data[-args.profile:])
+            profile(step, data[key][-args.profile:])
         del model, step
         if cuda:
             torch.cuda.empty_cache()
