@@ -41,16 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import yaml
-from transformers import (
-    AutoModelForMaskedLM,
-    AutoTokenizer,
-    BertConfig,
-    BertForMaskedLM,
-    DataCollatorForLanguageModeling,
-)
+import yaml  # noqa: E402
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
+    DataCollatorForLanguageModeling  # noqa: E402
 
-from stages.mlm import MaskingCollator, SparseMLM, compile_layers, pack
+from stages.mlm import MaskingCollator, SparseMLM, compile_layers, pack  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 

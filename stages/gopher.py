@@ -240,7 +240,7 @@ class _PyNGrams:
 
     def __init__(self, words: list[str], cum_chars: list[int]):
         self.words, self.cum_chars = words, cum_chars
-        self._unique_from = len(words) + 1  # from this n on, all n-grams differ (as they do once n-grams do)
+        self._unique_from = len(words) + 1  # from this n on all n-grams differ, as they do once shorter ones do
 
     def _grams(self, n: int) -> list[tuple[str, ...]]:
         return list(zip(*(self.words[i:] for i in range(n))))
@@ -248,8 +248,6 @@ class _PyNGrams:
     def top(self, n: int) -> tuple[int, int]:
         """(count, chars) of the most frequent n-gram; ties go to the first seen, as in Counter.most_common."""
         gram, count = Counter(self._grams(n)).most_common(1)[0]
-        if count == 1:
-            self._unique_from = min(self._unique_from, n)
         return count, sum(map(len, gram)) + n - 1
 
     def dup_chars(self, n: int, text_len: int, frac: float) -> int:
