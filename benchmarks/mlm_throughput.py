@@ -3,11 +3,10 @@
 Training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
 - `ours`: `stages.pretrain`'s step (`stages/mlm.py`): `MaskingCollator`, the MLM head at masked positions
   only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
-  autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer
-  compiled on its own (`stages.mlm.compile_layers`). On a GPU variants of it are timed too: `ours_eager`
-  (not compiled), `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does) and
-  `ours_no_attention_dropout` (an experiment, not a recipe we ship: MosaicBERT's attention dropout 0, under
-  which a compiled graph can keep a fused attention kernel instead of decomposing it to apply dropout);
+  autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer, the
+  embeddings and the head with its loss compiled on their own (`stages.mlm.compile_regions`). On a GPU variants
+  of it are timed too: `ours_layers` (only the encoder layers compiled, `stages.mlm.compile_layers`),
+  `ours_eager` (not compiled) and `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
 - `line_by_line`: `run_mlm.py --line_by_line`: one document per row, truncated and padded to the longest.
@@ -45,13 +44,14 @@ import yaml  # noqa: E402
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
     DataCollatorForLanguageModeling  # noqa: E402
 
-from stages.mlm import MaskingCollator, SparseMLM, compile_layers, pack  # noqa: E402
+from stages.mlm import MaskingCollator, SparseMLM, compile_layers, compile_regions, pack  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
 
-def build_model(name: str | None, cuda: bool, vocab_size: int) -> torch.nn.Module:
+def build_model(name: str | None, cuda: bool, vocab_size: int, multiple: int = 1) -> torch.nn.Module:
     if cuda and not name:  # BERT-base, the configuration the published MFU numbers are for
+        vocab_size = -(-vocab_size // multiple) * multiple  # NVIDIA's BERT pads 30522 to 30528
         return BertForMaskedLM(BertConfig(vocab_size=vocab_size, attn_implementation="sdpa"))
     return AutoModelForMaskedLM.from_pretrained(name or ROOT / "models" / "general", attn_implementation="sdpa")
 
@@ -89,15 +89,13 @@ def timed(step, batches: list[dict], warmup: int, device: torch.device) -> tuple
 
 def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device: torch.device, cuda: bool,
               compile_mode: str | None = None):
-    """One training step; `compiled`: None, "layers" (`compile_layers`), "layers_no_attention_dropout"
-    (the same, attention dropout 0) or "whole"."""
-    if compiled == "layers_no_attention_dropout":
-        for m in model.modules():
-            if type(m).__name__.endswith("SelfAttention"):  # BERT's attention: its dropout is SDPA's dropout_p
-                m.dropout.p = 0.0
-    if compiled and compiled.startswith("layers"):
-        compile_layers(model, compile_mode)
+    """One training step; `compiled`: None, "regions" (`compile_regions`), "layers" (`compile_layers`) or
+    "whole"."""
     module = SparseMLM(model) if sparse else model
+    if compiled == "regions":
+        compile_regions(module, mode=compile_mode)
+    elif compiled == "layers":
+        compile_layers(model, mode=compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
     forward = torch.compile(module, mode=compile_mode) if compiled == "whole" else module
 
@@ -131,7 +129,7 @@ def profile(step, batches: list[dict]) -> None:
         by_kind[kind] = by_kind.get(kind, 0) + e.self_device_time_total
     print(f"device time per step: {total / len(batches) / 1e3:.1f} ms; " + ", ".join(
         f"{k} {v / total:.0%}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"{e.self_device_time_total / total:6.1%} {e.count // len(batches):4d}/step  {e.key[:110]}")
 
 
@@ -157,8 +155,11 @@ def main() -> None:
     parser.add_argument("--recipes", help="comma-separated recipes to run (default: all; ours and stock always run)")
     parser.add_argument("--budget", type=float, default=float("inf"), metavar="S",
                         help="skip the optional recipes that would start S seconds after the first one")
+    parser.add_argument("--pad-vocab", type=int, default=1, metavar="M",
+                        help="on a GPU, round BERT-base's vocabulary up to a multiple of M")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="on a GPU, profile N more steps of ours and print where the device time goes")
+                        help="on a GPU, profile N more steps of each ours recipe and print where the device "
+                             "time goes")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -166,11 +167,11 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     batch, steps, warmup = args.batch or (256 if cuda else 16), args.steps or (50 if cuda else 30), 10 if cuda else 2
     # (name, sparse head, compiled, data); compiled recipes compile during their warm-up steps
-    recipes = [("stock", False, None, "stock"), ("ours", True, "layers" if cuda else None, "ours"),
+    recipes = [("stock", False, None, "stock"), ("ours", True, "regions" if cuda else None, "ours"),
                ("line_by_line", False, None, "lines")]
     if cuda:
-        recipes += [("ours_eager", True, None, "ours"), ("ours_whole", True, "whole", "ours"),
-                    ("ours_no_attention_dropout", True, "layers_no_attention_dropout", "ours")]
+        recipes += [("ours_layers", True, "layers", "ours"), ("ours_eager", True, None, "ours"),
+                    ("ours_whole", True, "whole", "ours")]
     wanted = set(args.recipes.split(",")) | {"ours", "stock"} if args.recipes else {r[0] for r in recipes}
     if unknown := wanted - {r[0] for r in recipes}:
         sys.exit(f"--recipes: {', '.join(sorted(unknown))} unknown here; recipes on this {device.type}: "
@@ -193,7 +194,7 @@ def main() -> None:
     chunks = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]
     results, flops, losses = {}, None, {}
     torch.manual_seed(0)
-    model = build_model(args.model, cuda, len(tok)).to(device).eval()
+    model = build_model(args.model, cuda, len(tok), args.pad_vocab).to(device).eval()
     check = ours_collate(rows[:batch])
     diff = loss_difference(model, {**check, "attention_mask": torch.ones_like(check["input_ids"])}, device, cuda)
     print(f"sparse vs full-vocabulary loss on one batch: |difference| = {diff:.2e}")
@@ -209,7 +210,7 @@ def main() -> None:
         if name not in wanted or (name not in ("ours", "stock") and time.perf_counter() - began > args.budget):
             continue
         torch.manual_seed(0)
-        model = build_model(args.model, cuda, len(tok)).to(device).train()
+        model = build_model(args.model, cuda, len(tok), args.pad_vocab).to(device).train()
         flops = flops_per_token(model, args.seq)
         step = make_step(model, sparse, compiled, device, cuda, args.compile_mode)
         start = time.perf_counter()
@@ -218,7 +219,7 @@ def main() -> None:
         print(f"{name:>16}: {tokens / seconds:10,.0f} real tokens/s ({tokens:,} tokens in {seconds:.1f} s, "
               f"{time.perf_counter() - start - seconds:.0f} s warm-up); loss {losses[name][0]:.2f} -> "
               f"{losses[name][-1]:.2f}", flush=True)
-        if name == "ours" and cuda and args.profile:
+        if name.startswith("ours") and cuda and args.profile:
             profile(step, data[key][-args.profile:])
         del model, step
         if cuda:

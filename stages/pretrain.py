@@ -58,7 +58,7 @@ from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_logging, write_json, write_text
 from stages import mlm
-from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_layers, evaluate, fixed_eval_batches, \
+from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
     mlm_head, pack
 
 PretrainVariant = Literal["domain", "domain_novocab"]
@@ -290,7 +290,7 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         save_total_limit=2,  # the Trainer drops the older one before `on_save` completes the newer
         bf16=cuda and torch.cuda.is_bf16_supported(), tf32=cuda or None,
         use_cpu=not cuda,  # also what makes several CPU processes (gloo) one distributed run
-        optim="adamw_torch_fused" if cuda else "adamw_torch",  # torch_compile: compile_layers, in main
+        optim="adamw_torch_fused" if cuda else "adamw_torch",  # torch_compile: compile_regions, in main
         dataloader_drop_last=True, dataloader_pin_memory=cuda, dataloader_num_workers=p.dataloader_workers,
         remove_unused_columns=False, disable_tqdm=False,
         logging_nan_inf_filter=False,  # its check reads every step's loss on the host: a GPU sync per step
@@ -385,8 +385,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 
         # model: PyTorch's fused attention (SDPA) where the architecture has it
         model = SparseMLM(AutoModelForMaskedLM.from_pretrained(start, attn_implementation="sdpa"))
-        if p.torch_compile:  # each layer on its own: faster, and far quicker to compile, than the whole model
-            compile_layers(model.mlm)
+        if p.torch_compile:  # region by region: faster, and far quicker to compile, than the whole model
+            compile_regions(model)
         collator = make_collator(tok, p)
         loggers = [tracking.MLflowLogger(step_offset=p.head_warmup_steps)] if main else []
 

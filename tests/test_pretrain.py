@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from stages import mlm, pretrain
-from stages.mlm import compile_layers, encoder_layers
+from stages.mlm import compile_regions, encoder_layers
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, \
     pack, run
 from stages.common import write_json
@@ -82,20 +82,24 @@ def test_sparse_loss_equals_full_vocabulary_loss(tiny_bert, tok):
     assert torch.equal(SparseMLM(mlm)(input_ids=batch["input_ids"], labels=batch["labels"])["loss"], sparse["loss"])
 
 
-def test_compile_layers_is_the_same_model_and_keeps_its_names(tiny_bert, tok):
-    mlm = AutoModelForMaskedLM.from_pretrained(tiny_bert).eval()
+def test_compile_regions_is_the_same_model_and_keeps_its_names(tiny_bert, tok):
+    model = SparseMLM(AutoModelForMaskedLM.from_pretrained(tiny_bert)).eval()
     batch = tok(["the licensor grants the licensee a licence", "the software"], padding=True, return_tensors="pt")
-    before, names = mlm(**batch).logits, list(mlm.state_dict())
-    compile_layers(mlm)
-    torch.testing.assert_close(mlm(**batch).logits, before)
-    assert list(mlm.state_dict()) == names  # checkpoints load into an uncompiled model
+    batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    before, names = model(**batch), list(model.state_dict())
+    compile_regions(model)
+    after = model(**batch)
+    torch.testing.assert_close(after["loss"], before["loss"])
+    assert after["correct"] == before["correct"]
+    assert list(model.state_dict()) == names  # checkpoints load into an uncompiled model
     with pytest.raises(ValueError, match="no encoder layers found on Linear"):
         encoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_evaluation_of_compiled_layers_adds_no_graphs():
+def test_compiled_regions_compile_once_and_evaluation_adds_no_graphs():
     """ModernBERT has three kinds of layer: evaluation graphs (eval mode, a smaller last batch) on top of the
-    warm-up's and training's would pass the compiler's limit of 8 and leave training eager without an error."""
+    warm-up's and training's would pass the compiler's limit of 8 and leave training eager without an error.
+    A new number of masked positions must not compile the head again."""
     from torch._dynamo.utils import counters
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
@@ -105,18 +109,20 @@ def test_evaluation_of_compiled_layers_adds_no_graphs():
         global_attn_every_n_layers=3, local_attention=8, max_position_embeddings=64, pad_token_id=0))
     lm.set_attn_implementation("sdpa")
     model = SparseMLM(lm)
-    for layer in encoder_layers(lm):
-        layer.compile(backend="eager")  # the graphs are what counts here, not the code generated for them
+    compile_regions(model, backend="eager")  # the graphs are what counts here, not the code generated for them
 
-    def batch(n):
+    def batch(n, every=4):
         ids = torch.randint(5, 64, (n, 16))
         labels = torch.full_like(ids, -100)
-        labels[:, ::4] = ids[:, ::4]
+        labels[:, ::every] = ids[:, ::every]
         return {"input_ids": ids, "labels": labels}
 
-    model(**batch(4))["loss"].backward()
+    counters.clear()
+    model(**batch(4))["loss"].backward()  # 16 masked positions
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0
+    model(**batch(4, every=3))["loss"].backward()  # 24: the head's graph takes any number
+    assert counters["stats"]["unique_graphs"] == graphs
     scores = mlm.evaluate(model, [batch(4), batch(2)])
     assert counters["stats"]["unique_graphs"] == graphs and model.training
     assert scores["loss"] > 0
