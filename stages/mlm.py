@@ -152,14 +152,20 @@ def fixed_eval_batches(blocks: torch.Tensor, collator, batch_size: int) -> list[
 # model: the MLM head at masked positions only
 
 
-def mlm_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The module mapping hidden states to vocabulary logits, for the families we support."""
+def head_path(model: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the modules that map hidden states to vocabulary logits, applied in turn."""
     for attr in ("cls", "lm_head"):  # BERT, RoBERTa
         if hasattr(model, attr):
-            return getattr(model, attr)
+            return (attr,)
     if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBERT: transform, then projection
-        return torch.nn.Sequential(model.head, model.decoder)
+        return ("head", "decoder")
     raise ValueError(f"pretrain: no MLM head found on {type(model).__name__}")
+
+
+def mlm_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module mapping hidden states to vocabulary logits, for the families we support."""
+    modules = [getattr(model, name) for name in head_path(model)]
+    return modules[0] if len(modules) == 1 else torch.nn.Sequential(*modules)
 
 
 class SparseMLM(torch.nn.Module):
@@ -176,7 +182,7 @@ class SparseMLM(torch.nn.Module):
     def __init__(self, mlm: torch.nn.Module):
         super().__init__()
         self.mlm = mlm
-        self._head = (mlm_head(mlm),)  # in a tuple: its weights are registered once, under `mlm`
+        self.head_path = head_path(mlm)  # looked up on every call: a resized model gets new modules
         # tied tensors (input embeddings = output layer) after their first name: the Trainer's checkpoints
         # (safetensors) refuse shared memory, and on loading it re-ties what these names leave out
         seen, self._keys_to_ignore_on_save = set(), []
@@ -199,8 +205,17 @@ class SparseMLM(torch.nn.Module):
                 masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and correct predictions at the masked positions (`compile_regions` compiles it)."""
         target = labels.flatten().index_select(0, masked_positions)
-        logits = self._head[0](hidden.flatten(0, 1).index_select(0, masked_positions))
+        logits = hidden.flatten(0, 1).index_select(0, masked_positions)
+        for name in self.head_path:
+            logits = getattr(self.mlm, name)(logits)
         return F.cross_entropy(logits.float(), target, reduction="sum"), (logits.argmax(-1) == target).sum()
+
+    def __getstate__(self) -> dict:
+        """A copy or pickle drops the compiled `predict` (it is bound to this instance), as `nn.Module` drops
+        what `.compile()` adds: the copy runs the method eager, on its own weights."""
+        state = super().__getstate__()
+        state.pop("predict", None)
+        return state
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         state = super().state_dict(*args, **kwargs)
@@ -230,14 +245,15 @@ def compile_regions(model: SparseMLM, **options) -> None:
     The layers share their code, so the compiler builds a graph per kind of layer (one for BERT, three for
     ModernBERT's first, global and local-attention layers) and reuses it for the others: seconds to compile
     instead of the minute or more the whole model takes (`Trainer(torch_compile=True)`), and a faster step.
-    The head's region takes any number of masked positions (`dynamic`), so it compiles once for all batches.
-    BERT-base, batch 256, `benchmarks/mlm_throughput.py`: on an H100 595k real tokens/s against 571k with the
-    layers alone; on an H200 641k, against 607k for the layers alone and 552k for the whole model. The state dict
-    keeps its names (no `_orig_mod.` prefix in checkpoints). `evaluate` runs eager.
+    The head's graph takes any number of masked positions (`dynamic`); the head warm-up, with the encoder
+    frozen, gets graphs of its own. Not for CUDA-graph modes (`reduce-overhead`), which record a graph per
+    input size. BERT-base, batch 256, `benchmarks/mlm_throughput.py`, same runs: on an H100 595k real tokens/s
+    against 571k with the layers alone; on an H200 641k against 607k. The state dict keeps its names (no
+    `_orig_mod.` prefix in checkpoints). `evaluate` runs eager.
     """
     compile_layers(model.mlm, **options)
     model.mlm.base_model.embeddings.compile(**options)
-    model.predict = torch.compile(model.predict, dynamic=True, **options)
+    model.predict = torch.compile(model.predict, **{"dynamic": True, **options})
 
 
 def compile_layers(model: torch.nn.Module, **options) -> None:

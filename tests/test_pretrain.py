@@ -1,5 +1,6 @@
 """pretrain: packing, the masking recipe, sparse prediction equals the full loss, early stopping, the stage."""
 
+import copy
 import json
 import math
 import os
@@ -92,14 +93,18 @@ def test_compile_regions_is_the_same_model_and_keeps_its_names(tiny_bert, tok):
     torch.testing.assert_close(after["loss"], before["loss"])
     assert after["correct"] == before["correct"]
     assert list(model.state_dict()) == names  # checkpoints load into an uncompiled model
+    twin = copy.deepcopy(model)  # a copy computes with its own weights, not through the original's compiled head
+    with torch.no_grad():
+        twin.mlm.cls.predictions.bias.add_(100 * torch.arange(twin.mlm.config.vocab_size) % 7)
+    assert not torch.equal(twin(**batch)["loss"], after["loss"])
     with pytest.raises(ValueError, match="no encoder layers found on Linear"):
         encoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_compiled_regions_compile_once_and_evaluation_adds_no_graphs():
+def test_compiled_regions_stay_within_the_compilers_limit():
     """ModernBERT has three kinds of layer: evaluation graphs (eval mode, a smaller last batch) on top of the
-    warm-up's and training's would pass the compiler's limit of 8 and leave training eager without an error.
-    A new number of masked positions must not compile the head again."""
+    warm-up's (encoder frozen) and training's would pass the compiler's limit of 8 and leave training eager
+    without an error (here: an error). A new number of masked positions must not compile the head again."""
     from torch._dynamo.utils import counters
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
@@ -118,13 +123,18 @@ def test_compiled_regions_compile_once_and_evaluation_adds_no_graphs():
         return {"input_ids": ids, "labels": labels}
 
     counters.clear()
-    model(**batch(4))["loss"].backward()  # 16 masked positions
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0
-    model(**batch(4, every=3))["loss"].backward()  # 24: the head's graph takes any number
-    assert counters["stats"]["unique_graphs"] == graphs
-    scores = mlm.evaluate(model, [batch(4), batch(2)])
-    assert counters["stats"]["unique_graphs"] == graphs and model.training
+    head = {id(w) for w in mlm.mlm_head(lm).parameters()} - {id(w) for w in lm.base_model.parameters()}
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for frozen in (True, False):  # the head warm-up, then training
+            for w in model.parameters():
+                w.requires_grad_(not frozen or id(w) in head)
+            model(**batch(4))["loss"].backward()  # 16 masked positions
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs > 0
+            model(**batch(4, every=3))["loss"].backward()  # 24: the head's graph takes any number
+            assert counters["stats"]["unique_graphs"] == graphs
+            scores = mlm.evaluate(model, [batch(4), batch(2)])
+            assert counters["stats"]["unique_graphs"] == graphs and model.training
     assert scores["loss"] > 0
 
 
