@@ -168,6 +168,12 @@ def mlm_head(model: torch.nn.Module) -> torch.nn.Module:
     return modules[0] if len(modules) == 1 else torch.nn.Sequential(*modules)
 
 
+def own_head_parameters(model: torch.nn.Module) -> set[int]:
+    """Ids of the head's own weights, not those it shares with the encoder (tied embeddings): what the head
+    warm-up trains."""
+    return {id(w) for w in mlm_head(model).parameters()} - {id(w) for w in model.base_model.parameters()}
+
+
 class SparseMLM(torch.nn.Module):
     """Wraps an `...ForMaskedLM` model; the vocabulary projection runs only where labels are set.
 
@@ -198,8 +204,9 @@ class SparseMLM(torch.nn.Module):
         if masked_positions is None:
             masked_positions = (labels != -100).flatten().nonzero().squeeze(1)
         loss, correct = self.predict(hidden, labels, masked_positions)
-        n = masked_positions.new_full((), masked_positions.shape[0])  # made on the device: one copied from the
-        return {"loss": loss / n.clamp(min=1), "loss_sum": loss.detach(), "correct": correct, "count": n}  # host waits
+        # the count is made on the device: a tensor copied from the host would wait for it
+        n = masked_positions.new_full((), masked_positions.shape[0])
+        return {"loss": loss / n.clamp(min=1), "loss_sum": loss.detach(), "correct": correct, "count": n}
 
     def predict(self, hidden: torch.Tensor, labels: torch.Tensor,
                 masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ from stages.common import Paths, Section, atomic_path, load_params, load_paths, 
     setup_logging, write_json, write_text
 from stages import mlm
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
-    mlm_head, pack
+    own_head_parameters, pack
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 
@@ -393,8 +393,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         # head warm-up: encoder (and tied embeddings) frozen, only the head's own weights learn. A resumed
         # run skips it: its checkpoint holds the warmed-up head
         if p.head_warmup_steps > 0 and resume is None:
-            head_params = {id(w) for w in mlm_head(model.mlm).parameters()} - \
-                {id(w) for w in model.mlm.base_model.parameters()}
+            head_params = own_head_parameters(model.mlm)
             for w in model.parameters():
                 w.requires_grad_(id(w) in head_params)
             Trainer(model=model, args=training_args(p, work / "warmup", p.head_warmup_learning_rate,

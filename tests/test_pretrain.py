@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from stages import mlm, pretrain
-from stages.mlm import compile_regions, encoder_layers
+from stages.mlm import compile_regions, encoder_layers, mlm_head
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, \
     pack, run
 from stages.common import write_json
@@ -123,7 +123,7 @@ def test_compiled_regions_stay_within_the_compilers_limit():
         return {"input_ids": ids, "labels": labels}
 
     counters.clear()
-    head = {id(w) for w in mlm.mlm_head(lm).parameters()} - {id(w) for w in lm.base_model.parameters()}
+    head = mlm.own_head_parameters(lm)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for frozen in (True, False):  # the head warm-up, then training
             for w in model.parameters():
@@ -183,7 +183,7 @@ def test_modernbert_head_is_found_and_sparse_loss_matches():
                               num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
                               sep_token_id=2, global_attn_every_n_layers=1, max_position_embeddings=64)
     mlm = ModernBertForMaskedLM(config).eval()
-    head_params = {id(w) for w in pretrain.mlm_head(mlm).parameters()}
+    head_params = {id(w) for w in mlm_head(mlm).parameters()}
     assert {id(w) for w in mlm.head.parameters()} <= head_params
     ids = torch.randint(3, 64, (2, 12))
     labels = torch.full_like(ids, -100)
