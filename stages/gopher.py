@@ -15,7 +15,9 @@ reasons, in the same order of checks; only `filter` is rewritten:
 Measured on that corpus (31.7k documents with >= 8 words, 40 MB, one core of a shared 2-core VM, so +-20%):
 quality 3.7-5.1 -> 12-14 MB/s, repetition 1.2-1.6 -> 5.3-6.5 MB/s, with identical decisions on every document.
 The repetition filter's floor is the tokenizer (`re.findall`, ~20-25 MB/s) plus the paragraph and line splits
-(~45 MB/s); chained after it, the quality filter reuses its tokens through datatrove's `split_into_words` cache.
+(~45 MB/s). Chained right after it, the quality filter reuses its tokens through datatrove's `split_into_words`
+cache when documents pass one at a time; that cache holds 5 texts, so with `stages.filters`' batches of 256 the
+quality filter splits each text again (a `str.split`: 0.3-0.7 s on the demo, less than batching saves).
 `tests/test_gopher.py` checks decision-and-reason equality with the parents on generated documents.
 
 `RegexWordTokenizer` exists because datatrove's default English tokenizer needs spaCy/NLTK data that cannot be

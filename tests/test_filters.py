@@ -39,12 +39,38 @@ def test_fix_text_is_ftfy_on_the_lines_it_can_change(text):
     assert filters.fix_text(text) == ftfy.fix_text(text)
 
 
+# mojibake pieces, the characters ftfy's other fixers act on, curly quotes and plain accented letters
+_FTFY_POOL = ["a", "b", "Z", " ", " ", ".", "Ã", "Â", "©", "’", "‘", "“", "”", "é", "è", "€", "™", "Ø", "Ù", "В", "Ђ",
+              "Ў", "ﬁ", "\x85", "\x9d", "&amp;", "&", "<", "°", "ā", "β", "Γ", "√", "±", "â€", "Ã©", "\u2028", "\uff21",
+              "\x07", "\xa0", "\u0301", "ʼ", "\x1b[31m"]
+
+
+def test_fix_text_equals_ftfy_on_generated_mojibake():
+    import random
+
+    import ftfy
+    from ftfy.badness import is_bad
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        line = "".join(rng.choice(_FTFY_POOL) for _ in range(rng.randint(1, 25)))
+        assert filters.looks_like_mojibake(line) == is_bad(line), repr(line)
+        text = "\n".join([line, line.upper(), "plain ascii"])
+        assert filters.fix_text(text) == ftfy.fix_text(text), repr(text)
+
+
+def test_mojibake_search_is_windowed_for_this_ftfy():
+    assert filters._MOJIBAKE_REACH is not None  # else every line is searched whole: correct, only slower
+
+
 def test_markup_is_stripped_only_where_present():
     m = StripMarkup()
     html = "<html><body><h1>MIT License</h1><p>Permission is <b>hereby</b> granted.</p><script>x()</script></body>"
     out = m.format(html)
     assert "MIT License" in out and "Permission is hereby granted." in out and "<" not in out and "x()" not in out
     assert m.format("'''GPL''' is a [[copyleft]] licence.") == "GPL is a copyleft licence."
+    assert m.format("== Terms ==\nUse it freely.") == " Terms \nUse it freely."  # each wiki form is detected
+    assert m.format("{{Infobox licence}}Use it freely.") == "Use it freely."
     plain = "Copyright <year> <name of author>. Replace the <fields> above."
     assert m.format(plain) == plain  # angle-bracket placeholders are licence text, not HTML
 
