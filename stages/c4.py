@@ -29,12 +29,12 @@ class FastC4QualityFilter(C4QualityFilter):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._long_word = re.compile(rf"\S{{{max(self.max_word_length + 1, 1)},}}") if self.max_word_length != -1 else None
+        self._long_word = re.compile(rf"\S{{{self.max_word_length + 1},}}") if self.max_word_length >= 1 else None
 
     def _has_long_word(self, text: str) -> bool:
-        if self._long_word is None:
+        if self.max_word_length == -1:
             return False
-        if self.max_word_length < 1:  # every word, or every line with a word, is too long: datatrove's loop decides
+        if self._long_word is None:  # every word, or every line with a word, is too long: datatrove's loop decides
             return True
         # the regex alone tries every position of every word; first look for a space-free block, far cheaper
         block = (self.max_word_length + 1) // 2

@@ -55,13 +55,16 @@ def words_of(text: str) -> list[str]:
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so each power of it is invertible mod 2**64
 
 
-def _polynomial(parts: list[np.ndarray]) -> np.ndarray:
-    """sum(part_i * _BASE**(k-1-i)) mod 2**64, element-wise: a hash of the tuple of the parts' values that collides
-    with another tuple's with probability 2**-64 when the parts are themselves (salted) hashes."""
-    out = parts[0].copy()
-    for part in parts[1:]:
+def _tuples(hashes: np.ndarray, offsets: list[int] | range) -> np.ndarray:
+    """Hashes of the tuples (hashes[i + o] for o in offsets), at every i where all exist: sum(hashes[i + o_k] *
+    _BASE**(K-1-k)) mod 2**64. Two different tuples collide with probability 2**-64 when the hashes are random."""
+    count = len(hashes) - offsets[-1]
+    if count <= 0:
+        return np.empty(0, np.uint64)
+    out = hashes[offsets[0]:offsets[0] + count].copy()
+    for o in offsets[1:]:
         out *= _BASE
-        out += part
+        out += hashes[o:o + count]
     return out
 
 
@@ -69,17 +72,13 @@ def ngrams(words: list[str], n: int) -> np.ndarray:
     """Hashed word n-grams, in order (uint64), computed with numpy from the words' hashes. Python's hash is salted
     per process, so these never leave the process that built them (`Decontaminate` builds its index lazily, in
     each worker)."""
-    hashes = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
-    count = len(words) - n + 1
-    return _polynomial([hashes[i:i + count] for i in range(n)]) if count > 0 else np.empty(0, np.uint64)
+    return _tuples(np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64), range(n))
 
 
 def longer_ngrams(grams: np.ndarray, size: int, n: int) -> np.ndarray:
     """Hashed word n-grams (n >= size) from the hashed `size`-grams that cover them: a 13-gram is the 5-grams at
     its words 0, 5 and 8. Cheaper than hashing the n words again, and as distinct."""
-    offsets = sorted({*range(0, n - size + 1, size), n - size})
-    count = len(grams) - (n - size)
-    return _polynomial([grams[o:o + count] for o in offsets]) if count > 0 else np.empty(0, np.uint64)
+    return _tuples(grams, sorted({*range(0, n - size + 1, size), n - size}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,9 +396,7 @@ class Decontaminate(BaseFilter):
         m = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=int, permutations=self._permutations,
                     scheme="affine32")
         hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, words), np.uint64, len(words))
-        count = len(words) - self.SHINGLE + 1
-        if count > 0:
-            m.update_batch((_polynomial([hashes[i:i + count] for i in range(self.SHINGLE)]) >> np.uint64(32)).tolist())
+        m.update_batch((_tuples(hashes, range(self.SHINGLE)) >> np.uint64(32)).tolist())
         return m
 
     def _near(self, words: list[str], shingles: set[int]) -> bool:
