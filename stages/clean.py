@@ -197,6 +197,11 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
     def write(name: str):
         return JsonlWriter(str(work / name), output_filename="${rank}.jsonl", compression=None, adapter=plain_row)
 
+    def read(folder: str | Path, **options):
+        # metadata.src names the shard: datatrove's absolute `file_path` would cost a path resolution per document
+        # and put this machine's paths in the samples
+        return JsonlReader(str(folder), add_file_path=False, **options)
+
     exact = ExactDedupConfig(content_getter=dedup_key, hash_config=HashConfig(precision=64))
     near = MinhashConfig(n_grams=p.near_dedup.n_grams, num_buckets=p.near_dedup.bands,
                          hashes_per_bucket=p.near_dedup.rows, seed=p.near_dedup.seed,
@@ -204,7 +209,7 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
     tail = [ExactDedupSignature(str(work / "exact_sigs"), exact)] if dedup and p.exact_dedup else []
     steps = build_steps(p.steps, context, samples, p.dropped_samples, skip)
     (work / "filtered").mkdir(parents=True)
-    if not phase("filter", [JsonlReader(folder, glob_pattern=glob, adapter=read_doc), *steps, write("filtered"),
+    if not phase("filter", [read(folder, glob_pattern=glob, adapter=read_doc), *steps, write("filtered"),
                             *tail], output="filtered"):
         return work / "filtered", stats, seconds
     current = "filtered"
@@ -213,13 +218,13 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
         drop = ExactDedupFilter(str(work / "exact_dups"), exact, DropSampleWriter(samples / "exact_dedup", p.dropped_samples,
                                                                                   UNNAMED["exact_dedup"]))
         named(drop, "exact_dedup")
-        if not phase("exact_filter", [JsonlReader(str(work / current)), drop, write("exact")], output="exact"):
+        if not phase("exact_filter", [read(work / current), drop, write("exact")], output="exact"):
             return work / "exact", stats, seconds
         current = "exact"
     if dedup and p.near_dedup.enabled:
         sig = MinhashDedupSignature(str(work / "mh_sigs"), near, language=WhitespaceWordTokenizer())
         named(sig, "near_dedup_signatures")
-        phase("near_sigs", [JsonlReader(str(work / current)), sig])
+        phase("near_sigs", [read(work / current), sig])
         phase("near_buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=near)],
               near.num_buckets)
         phase("near_cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=near,
@@ -231,7 +236,7 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
                                                                    UNNAMED["near_dedup"]),
                                   load_cluster_ids=True)
         named(drop, "near_dedup")
-        phase("near_filter", [JsonlReader(str(work / current)), drop, write("near")], output="near")
+        phase("near_filter", [read(work / current), drop, write("near")], output="near")
         current = "near"
     return work / current, stats, seconds
 
@@ -348,7 +353,7 @@ def task_texts(task: Path) -> dict[str, list[str]]:
 def task_overlap(texts: dict[str, list[str]]) -> dict[str, int]:
     """Task train texts that duplicate a dev/test text, exactly or nearly (the split leaks if these are many)."""
     index = Decontaminate(texts["eval_texts"], [], ngram=0)
-    counts = Counter(index.reason(t) for t in texts["train_texts"])
+    counts = Counter(index.reasons(texts["train_texts"]))
     return {"train_exact_in_dev_test": counts["exact"], "train_near_in_dev_test": counts["near"]}
 
 

@@ -10,16 +10,18 @@ filters (Gopher, C4, FineWeb) are datatrove's own; the Gopher and C4 ones are th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ftfy
 import numpy as np
-import xxhash
+import pandas as pd
 from datasketch import MinHash, MinHashLSH
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
@@ -47,9 +49,67 @@ def fingerprint(text: str) -> str:
 _WORD = re.compile(r"\w+")
 
 
-def words_of(text: str) -> list[str]:
-    """Lower-cased words without punctuation: "else," and "Else" are the same word for overlap."""
-    return _WORD.findall(text.lower())
+@functools.cache
+def _word_chars() -> np.ndarray:
+    """For every code point, whether `re` counts it as a word character (`\\w`): Python's own definition, so a
+    word here is a `\\w+` run, as `re.findall(r"\\w+", text.lower())` finds it. Built once per process (~0.1 s)."""
+    table = np.zeros(sys.maxunicode + 1, bool)
+    for m in _WORD.finditer("".join(map(chr, range(sys.maxunicode + 1)))):
+        table[m.start():m.end()] = True
+    return table
+
+
+_CHAR_BASE = 0x100000001B3  # FNV's 64-bit prime: odd, so invertible mod 2**64
+_POWERS = np.ones(1, np.uint64), np.ones(1, np.uint64)  # _CHAR_BASE ** i and its inverse, grown on demand
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    global _POWERS
+    if len(_POWERS[0]) < n:
+        size = 1 << (n - 1).bit_length()
+        _POWERS = tuple(np.cumprod(np.r_[np.uint64(1), np.full(size - 1, b, np.uint64)], dtype=np.uint64)
+                        for b in (_CHAR_BASE, pow(_CHAR_BASE, -1, 1 << 64)))
+    return _POWERS[0][:n], _POWERS[1][:n]
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser (a bijection that spreads every input bit over the output), in place."""
+    for shift, factor in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53), (33, None)):
+        h ^= h >> np.uint64(shift)
+        if factor:
+            h *= np.uint64(factor)
+    return h
+
+
+def hashed_words(texts: Sequence[str], max_chars: int = 1 << 18) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The 64-bit hashes of the lower-cased words (`\\w+` runs: "else," and "Else" are the same word) of a few
+    texts at a time (up to `max_chars` characters, so the arrays stay in the CPU cache): (hashes of all their words
+    in order, where each text's words start, one more offset than texts). Numpy over many texts at once, where a
+    Python loop over the words took most of decontamination's time. A word's hash is a polynomial in its code
+    points, mixed: the same in every process and run (Python's `hash` of a string is salted per process)."""
+    start = 0
+    while start < len(texts):
+        lowered, size = [], 0
+        for text in texts[start:]:
+            if lowered and size + len(text) > max_chars:
+                break
+            lowered.append(text.lower())
+            size += len(lowered[-1]) + 1
+        start += len(lowered)
+        # "\n" between texts is not a word character: no word spans two texts
+        points = np.frombuffer("\n".join(lowered).encode("utf-32-le", "surrogatepass"), np.uint32)
+        edges = np.flatnonzero(np.diff(_word_chars()[points], prepend=False, append=False))
+        begins, ends = edges[0::2], edges[1::2]
+        power, inverse = _powers(len(points) + 1)
+        prefix = np.zeros(len(points) + 1, np.uint64)
+        np.cumsum(points * power[:-1], out=prefix[1:])  # sum of points[j] * base**j before each position
+        hashes = _mix((prefix[ends] - prefix[begins]) * inverse[begins])  # sum of word[k] * base**k
+        yield hashes, np.searchsorted(begins, np.cumsum([0] + [len(t) + 1 for t in lowered]))
+
+
+def word_hashes(texts: Sequence[str]) -> list[np.ndarray]:
+    """Each text's word hashes (`hashed_words`)."""
+    return [hashes[a:b] for hashes, firsts in hashed_words(texts) for a, b in zip(firsts[:-1], firsts[1:])]
 
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so each power of it is invertible mod 2**64
@@ -68,11 +128,9 @@ def _tuples(hashes: np.ndarray, offsets: list[int] | range) -> np.ndarray:
     return out
 
 
-def ngrams(words: list[str], n: int) -> np.ndarray:
-    """Hashed word n-grams, in order (uint64), computed with numpy from the words' hashes. Python's hash is salted
-    per process, so these never leave the process that built them (`Decontaminate` builds its index lazily, in
-    each worker)."""
-    return _tuples(np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64), range(n))
+def ngrams(hashes: np.ndarray, n: int) -> np.ndarray:
+    """Hashed word n-grams, in order (uint64), from the words' hashes (`word_hashes`)."""
+    return _tuples(hashes, range(n))
 
 
 def longer_ngrams(grams: np.ndarray, size: int, n: int) -> np.ndarray:
@@ -324,7 +382,30 @@ class LanguageIDFilter(BaseFilter):
         return max(scores.values()) >= self.threshold or (False, f"not_{'_'.join(self.languages)}")
 
 
-_INDEXES: dict[str, dict[str, Any]] = {}  # Decontaminate's index, per process (see `_build`)
+def _member(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Whether each value is in `table` (sorted): one binary search each, where `np.isin` sorts the table again on
+    every call."""
+    if not len(table):
+        return np.zeros(len(values), bool)
+    return table[np.minimum(np.searchsorted(table, values), len(table) - 1)] == values
+
+
+def _concat(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.empty(0, np.uint64), *arrays])
+
+
+class _Index(NamedTuple):
+    """What `Decontaminate` looks documents up in; hashes are sorted and unique."""
+    fingerprints: set[str]  # of the evaluation texts
+    shingles: list[np.ndarray]  # each evaluation text's word 5-grams
+    all_shingles: pd.Index  # their union (a hash table)
+    ngrams: pd.Index  # evaluation n-grams that no training text has
+    permutations: np.ndarray  # datasketch's MinHash permutations (affine32: a * h + b mod 2**32)
+    signatures: np.ndarray  # each evaluation text's MinHash (rows)
+    lsh: MinHashLSH
+
+
+_INDEXES: dict[str, _Index] = {}  # Decontaminate's index, per process (see `_build`)
 
 
 class Decontaminate(BaseFilter):
@@ -337,6 +418,9 @@ class Decontaminate(BaseFilter):
       that embeds a test notice. Runs that also occur in the task's *training* texts do not count: fine-tuning
       shows those to the model anyway, and they are the domain's boilerplate ("provided as is, without warranty
       of any kind"), shared by thousands of documents.
+
+    A batch of documents is checked at once: words hashed with numpy (`hashed_words`), n-grams looked up in
+    pandas' hash tables, no Python object per word or n-gram.
     """
 
     name = "decontaminate"
@@ -349,9 +433,9 @@ class Decontaminate(BaseFilter):
             raise ValueError(f"ngram must be 0 (off) or at least {self.SHINGLE} words, got {ngram}")
         self.ngram, self.near_threshold, self.num_perm, self.seed = ngram, near_threshold, num_perm, seed
         self.eval_texts, self.train_texts = list(eval_texts), list(train_texts)
-        self._index = None
+        self._index: _Index | None = None
 
-    def _build(self) -> None:
+    def _build(self) -> _Index:
         # one index per process for the same texts and settings: datatrove runs all of a worker's tasks (shards)
         # in one process, and each task gets its own copy of this filter
         key = hashlib.sha1(repr((self.ngram, self.near_threshold, self.num_perm, self.seed, self.eval_texts,
@@ -359,85 +443,104 @@ class Decontaminate(BaseFilter):
         if key not in _INDEXES:
             _INDEXES.clear()  # only the latest: memory stays bounded whatever else the process cleans
             _INDEXES[key] = self._index_of()
-        self.__dict__.update(_INDEXES[key])
+        return _INDEXES[key]
 
-    def _index_of(self) -> dict[str, Any]:
-        eval_words = [words_of(t) for t in self.eval_texts]
-        eval_grams = [ngrams(w, self.SHINGLE) for w in eval_words]
-        eval_ngrams: set[int] = set()
+    def _index_of(self) -> _Index:
+        grams = [ngrams(h, self.SHINGLE) for h in word_hashes(self.eval_texts)]
+        shingles = [np.unique(g) for g in grams]
+        eval_ngrams = np.empty(0, np.uint64)
         if self.ngram:
-            eval_ngrams = set().union(*(longer_ngrams(g, self.SHINGLE, self.ngram).tolist() for g in eval_grams))
-            for t in self.train_texts:
-                eval_ngrams.difference_update(
-                    longer_ngrams(ngrams(words_of(t), self.SHINGLE), self.SHINGLE, self.ngram).tolist())
-        shingles = [set(g.tolist()) for g in eval_grams]
-        # drawn once, not per document (it is a third of the cost of a small MinHash)
-        self._permutations = MinHash(num_perm=self.num_perm, seed=self.seed, scheme="affine32").permutations
+            train = (longer_ngrams(ngrams(h, self.SHINGLE), self.SHINGLE, self.ngram)
+                     for h in word_hashes(self.train_texts))
+            eval_ngrams = np.setdiff1d(_concat(longer_ngrams(g, self.SHINGLE, self.ngram) for g in grams),
+                                       _concat(train))
+        permutations = MinHash(num_perm=self.num_perm, seed=self.seed, scheme="affine32").permutations
         # bands and rows tuned for recall: a false candidate costs one exact Jaccard, a miss leaks a test text
-        lsh = MinHashLSH(threshold=self.near_threshold, num_perm=self.num_perm, weights=(0.05, 0.95))
-        signatures = np.zeros((len(eval_words), self.num_perm), np.uint32)
-        for i, (words, s) in enumerate(zip(eval_words, shingles)):
-            if s:
-                m = self._minhash(words)
-                lsh.insert(i, m)
-                signatures[i] = m.hashvalues
-        return {"fingerprints": {fingerprint(t) for t in self.eval_texts}, "ngrams": eval_ngrams,
-                "shingles": shingles, "all_shingles": set().union(*shingles), "lsh": lsh, "signatures": signatures,
-                "_permutations": self._permutations, "_index": True}
+        lsh = MinHashLSH(threshold=max(self.near_threshold - 0.1, 0.05), num_perm=self.num_perm, weights=(0.05, 0.95))
+        signatures = np.zeros((len(shingles), self.num_perm), np.uint32)
+        for i, s in enumerate(shingles):
+            if len(s):
+                signatures[i] = self._signature(permutations, s)
+                lsh.insert(i, self._minhash(permutations, signatures[i]))
+        return _Index({fingerprint(t) for t in self.eval_texts}, shingles, pd.Index(np.unique(_concat(shingles))),
+                      pd.Index(eval_ngrams), permutations, signatures, lsh)
 
     def __getstate__(self) -> dict:
-        # the index holds process-salted hashes: ship the texts, rebuild on the other side
-        return {**self.__dict__, "_index": None, "fingerprints": None, "ngrams": None, "shingles": None,
-                "all_shingles": None, "lsh": None, "signatures": None, "_permutations": None}
+        # the index is several times the size of the texts: ship the texts, rebuild once per process (`_build`)
+        return {**self.__dict__, "_index": None}
 
-    def _minhash(self, words: list[str]) -> MinHash:
-        # stable shingle hashes here (not the process-salted ones of the sets): LSH answers must not vary by run.
-        # The shingle's 32-bit hash is the top half of a polynomial in the words' xxh3 hashes, as in `ngrams`
-        m = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=int, permutations=self._permutations,
-                    scheme="affine32")
-        hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, words), np.uint64, len(words))
-        m.update_batch((_tuples(hashes, range(self.SHINGLE)) >> np.uint64(32)).tolist())
-        return m
+    @staticmethod
+    def _signature(permutations: np.ndarray, shingles: np.ndarray) -> np.ndarray:
+        """MinHash of hashed shingles under datasketch's affine32 permutations, all at once: datasketch's
+        `update_batch` calls its hash function once per shingle. The top 32 bits of a shingle's hash are its input
+        (the permutations are 32-bit)."""
+        a, b = permutations
+        return ((shingles >> np.uint64(32)).astype(np.uint32)[:, None] * a + b).min(axis=0)
 
-    def _near(self, words: list[str], shingles: set[int]) -> bool:
+    def _minhash(self, permutations: np.ndarray, signature: np.ndarray) -> MinHash:
+        return MinHash(seed=self.seed, hashvalues=signature, permutations=permutations, scheme="affine32")
+
+    def _near(self, index: _Index, shingles: np.ndarray) -> bool:
         """An evaluation text with word 5-gram Jaccard >= near_threshold: LSH candidates, most similar first by
         their MinHash estimate, confirmed by the exact Jaccard. A candidate estimated 0.3 below the threshold is
         not confirmed: with 128 permutations, a pair at the threshold is estimated that low with probability 1e-14
         (0.8) to 4e-12 (0.6), and such candidates (other notices with the same boilerplate) took most of the time.
         """
-        m = self._minhash(words)
-        found = np.fromiter(self.lsh.query(m), np.int64)
-        estimates = (self.signatures[found] == m.hashvalues).mean(axis=1)
+        signature = self._signature(index.permutations, shingles)
+        found = np.fromiter(index.lsh.query(self._minhash(index.permutations, signature)), np.int64)
+        estimates = (index.signatures[found] == signature).mean(axis=1)
         hopeful = np.count_nonzero(estimates >= self.near_threshold - 0.3)
         for i in found[np.argsort(-estimates, kind="stable")[:hopeful]]:
-            other = self.shingles[i]
-            common = len(shingles & other)
+            other = index.shingles[i]
+            common = np.count_nonzero(_member(shingles, other))
             if common / (len(shingles) + len(other) - common) >= self.near_threshold:
                 return True
         return False
 
-    def reason(self, text: str) -> str | None:
+    def reasons(self, texts: Sequence[str]) -> list[str | None]:
+        """Why each text is contaminated ("exact", "near" or "ngram"), or None where it is not."""
         if self._index is None:
-            self._build()
-        words = words_of(text)
-        grams = ngrams(words, self.SHINGLE)
-        shingles = set(grams.tolist())
-        shared = len(shingles & self.all_shingles)  # 5-grams found in some evaluation text
-        # an evaluation text's own words: only then can the normalised texts be equal
-        if shared == len(shingles) and fingerprint(text) in self.fingerprints:
-            return "exact"
-        # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash
-        if shingles and shared >= self.near_threshold * len(shingles) and self._near(words, shingles):
-            return "near"
-        # an evaluation n-gram's 5-grams are all evaluation 5-grams: without one, there is nothing to look up
-        if shared and self.ngrams and not self.ngrams.isdisjoint(
-                longer_ngrams(grams, self.SHINGLE, self.ngram).tolist()):
-            return "ngram"
-        return None
+            self._index = self._build()
+        out: list[str | None] = []
+        for hashes, firsts in hashed_words(texts):
+            out += self._reasons(self._index, texts[len(out):len(out) + len(firsts) - 1], hashes, firsts)
+        return out
+
+    def _reasons(self, index: _Index, texts: Sequence[str], hashes: np.ndarray,
+                 firsts: np.ndarray) -> list[str | None]:
+        """`reasons` for a few texts at once: their words' hashes in one array, text i's from firsts[i]."""
+        doc = np.repeat(np.arange(len(texts)), np.diff(firsts))  # the text of each word
+        grams = ngrams(hashes, self.SHINGLE)  # word i's 5-gram; the last 4 of a text run into the next one
+        at = doc[:len(grams)]
+        inside = at == doc[self.SHINGLE - 1:]
+        known = index.all_shingles.get_indexer(grams) >= 0  # 5-grams found in some evaluation text
+        # each text's distinct 5-grams: the first occurrence of each (text, 5-gram), keyed by a 64-bit hash of both
+        first = inside & ~pd.Series(grams ^ _mix(at.astype(np.uint64))).duplicated().to_numpy()
+        distinct = np.bincount(at[first], minlength=len(texts))
+        shared = np.bincount(at[first & known], minlength=len(texts))
+        leaked = np.zeros(len(texts), bool)  # shares an evaluation n-gram
+        if len(index.ngrams):
+            longer = longer_ngrams(grams, self.SHINGLE, self.ngram)
+            hits = (doc[:len(longer)] == doc[self.ngram - 1:]) & (index.ngrams.get_indexer(longer) >= 0)
+            leaked[doc[:len(longer)][hits]] = True
+        out: list[str | None] = []
+        for i, text in enumerate(texts):
+            # an evaluation text's own words: only then can the normalised texts be equal
+            if shared[i] == distinct[i] and fingerprint(text) in index.fingerprints:
+                out.append("exact")
+            # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash
+            elif distinct[i] and shared[i] >= self.near_threshold * distinct[i] and self._near(
+                    index, np.unique(grams[firsts[i]:firsts[i + 1] - self.SHINGLE + 1])):
+                out.append("near")
+            else:
+                out.append("ngram" if leaked[i] else None)
+        return out
+
+    def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        return [r is None or (False, f"contaminated_{r}") for r in self.reasons([doc.text for doc in batch])]
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        reason = self.reason(doc.text)
-        return reason is None or (False, f"contaminated_{reason}")
+        return self.filter_batch([doc])[0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
 import pickle
 
+import numpy as np
 import pytest
 from datatrove.data import Document
 
 from stages import filters
 from stages.filters import Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, SizeFilter, \
-    StripMarkup, build_steps, check_steps, fingerprint, longer_ngrams, ngrams, plain_row
+    StripMarkup, build_steps, check_steps, fingerprint, hashed_words, longer_ngrams, ngrams, plain_row, word_hashes
 
 
 def doc(text: str) -> Document:
@@ -118,19 +119,42 @@ def test_decontamination_reasons():
     assert d.filter(doc(embeds)) == (False, "contaminated_ngram")
     # 13 words that the task's training texts share are boilerplate, not leakage
     assert d.filter(doc(f"intro words here {boiler} something else entirely different")) is True
-    # the index is rebuilt after pickling (Python's hash is salted per process)
+    # the index is rebuilt after pickling
     assert pickle.loads(pickle.dumps(d)).filter(doc(near)) == (False, "contaminated_near")
+    # a batch, in chunks of a few texts (`hashed_words`), decides as one text at a time
+    texts = [test_text.upper(), near, embeds, boiler, "", "short text", test_text[:40]] * 3
+    assert d.reasons(texts) == [d.reasons([t])[0] for t in texts]
+    assert [d.filter(doc(t)) for t in texts] == d.filter_batch([doc(t) for t in texts])
+
+
+def test_word_hashes_split_words_as_python_regex_does():
+    """Decontamination's words are `re.findall(r"\w+", text.lower())`: same split, equal hashes for equal words."""
+    import re
+
+    texts = ["Else, ELSE else_2 l'élan İstanbul naïve cafe\u0301 x²³ ٣٤ 漢字かな 👍🏽 a\tb\nc",
+             "lone \udc80 surrogate", "", "   ", "one", "snake_case and CamelCase, 1,000.50 €"] * 2
+    hashes = word_hashes(texts)
+    seen: dict[str, int] = {}
+    for text, h in zip(texts, hashes):
+        words = re.findall(r"\w+", text.lower())
+        assert len(h) == len(words)
+        for w, value in zip(words, h.tolist()):
+            assert seen.setdefault(w, value) == value
+    assert len(set(seen.values())) == len(seen)  # different words, different hashes
+    # chunking (a few characters at a time) changes nothing
+    small = [h for chunk, firsts in hashed_words(texts, max_chars=20) for h in np.split(chunk, firsts[1:-1])]
+    assert all(np.array_equal(a, b) for a, b in zip(small, hashes)) and len(small) == len(texts)
 
 
 @pytest.mark.parametrize("n", [5, 8, 13, 20])
 def test_longer_ngrams_from_5_grams_are_the_word_n_grams(n):
     """Decontamination keys its n-gram runs by the 5-grams that cover them: equal keys iff equal n-grams."""
     words = ("a b c d e f g h a b c d e f g h i a b c d e f g h " * 3).split()
-    keys = list(longer_ngrams(ngrams(words, 5), 5, n))
+    keys = list(longer_ngrams(ngrams(word_hashes([" ".join(words)])[0], 5), 5, n))
     runs = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     assert len(keys) == len(runs)
     assert all((keys[i] == keys[j]) == (runs[i] == runs[j]) for i in range(len(runs)) for j in range(len(runs)))
-    assert list(longer_ngrams(ngrams(words[:n - 1], 5), 5, n)) == []  # shorter than one run
+    assert list(longer_ngrams(ngrams(word_hashes([" ".join(words[:n - 1])])[0], 5), 5, n)) == []  # too short
 
 
 def test_decontamination_ngram_shorter_than_a_shingle_is_refused():
