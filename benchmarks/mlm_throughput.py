@@ -5,7 +5,9 @@ Training steps (forward, backward, AdamW), each timed in this one process on the
   only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
   autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer, the
   embeddings and the head with its loss compiled on their own (`stages.mlm.compile_regions`). On a GPU variants
-  of it are timed too: `ours_layers` (only the encoder layers compiled, `stages.mlm.compile_layers`),
+  of it are timed too: `ours_bf16` (weights and activations in bf16 without autocast, AdamW on fp32 master
+  copies of the weights, as Megatron-LM trains in bf16), `ours_layers` (only the encoder layers compiled,
+  `stages.mlm.compile_layers`),
   `ours_eager` (not compiled) and `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
@@ -89,25 +91,40 @@ def timed(step, batches: list[dict], warmup: int, device: torch.device) -> tuple
 
 
 def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device: torch.device, cuda: bool,
-              compile_mode: str | None = None):
+              compile_mode: str | None = None, bf16_weights: bool = False):
     """One training step; `compiled`: None, "regions" (`compile_regions`), "layers" (`compile_layers`) or
-    "whole"."""
+    "whole". `bf16_weights`: the model's weights and activations in bf16 (no autocast), AdamW on fp32 master
+    copies of the weights, as Megatron-LM's bf16 training does."""
     module = SparseMLM(model) if sparse else model
+    if bf16_weights:
+        master = [p.detach().clone().float() for p in model.parameters()]
+        model.to(torch.bfloat16)
+    params = list(model.parameters())
+    if bf16_weights:
+        for m in master:
+            m.grad = torch.zeros_like(m)
     if compiled == "regions":
         compile_regions(module, mode=compile_mode)
     elif compiled == "layers":
         compile_layers(model, mode=compile_mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
+    opt = torch.optim.AdamW(master if bf16_weights else params, lr=1e-4, fused=cuda if sparse else False)
     forward = torch.compile(module, mode=compile_mode) if compiled == "whole" else module
 
     def step(batch: dict) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and not bf16_weights):
             out = forward(**batch)
         loss = out["loss"] if sparse else out.loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if bf16_weights:
+            with torch.no_grad():
+                torch._foreach_copy_([m.grad for m in master], [p.grad for p in params])
+                opt.step()
+                torch._foreach_copy_(params, master)
+            model.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.detach().clone()  # CUDA-graph modes overwrite a step's outputs at the next replay
 
     return step
@@ -171,8 +188,8 @@ def main() -> None:
     recipes = [("stock", False, None, "stock"), ("ours", True, "regions" if cuda else None, "ours"),
                ("line_by_line", False, None, "lines")]
     if cuda:
-        recipes += [("ours_layers", True, "layers", "ours"), ("ours_eager", True, None, "ours"),
-                    ("ours_whole", True, "whole", "ours")]
+        recipes += [("ours_bf16", True, "regions", "ours"), ("ours_layers", True, "layers", "ours"),
+                    ("ours_eager", True, None, "ours"), ("ours_whole", True, "whole", "ours")]
     wanted = set(args.recipes.split(",")) | {"ours", "stock"} if args.recipes else {r[0] for r in recipes}
     if unknown := wanted - {r[0] for r in recipes}:
         sys.exit(f"--recipes: {', '.join(sorted(unknown))} unknown here; recipes on this {device.type}: "
@@ -213,7 +230,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(args.model, cuda, len(tok), args.pad_vocab).to(device).train()
         flops = flops_per_token(model, args.seq)
-        step = make_step(model, sparse, compiled, device, cuda, args.compile_mode)
+        step = make_step(model, sparse, compiled, device, cuda, args.compile_mode, name == "ours_bf16")
         start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
         seconds, tokens, losses[name] = timed(step, data[key], warmup, device)
         results[name] = tokens / seconds
