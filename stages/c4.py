@@ -21,10 +21,12 @@ import re
 from datatrove.data import Document
 from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, POLICY_SUBSTRINGS, C4QualityFilter
 
+from stages.batched import BatchedFilter
+
 _SPACE = re.compile(r"\s")
 
 
-class FastC4QualityFilter(C4QualityFilter):
+class FastC4QualityFilter(BatchedFilter, C4QualityFilter):
     """`C4QualityFilter` with the per-line work done only where it can change the result."""
 
     def __init__(self, *args, **kwargs):

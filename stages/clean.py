@@ -37,7 +37,6 @@ from pydantic import Field, model_validator
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
     write_json
-from stages.gopher import WhitespaceWordTokenizer
 from stages.filters import Decontaminate, build_steps, check_steps, fingerprint, named, plain_row
 
 
@@ -162,7 +161,7 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
     """Runs the steps and the dedup phases on `source`; returns the folder of survivors, the stats and the
     seconds each phase took."""
     from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, \
-        MinhashDedupFilter, MinhashDedupSignature
+        MinhashDedupFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, \
         ExactFindDedups
     from datatrove.pipeline.readers import JsonlReader
@@ -170,7 +169,7 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
     from datatrove.utils.hashing import HashConfig
     from datatrove.utils.text import TextNormConfig
 
-    from stages.filters import DropSampleWriter
+    from stages.filters import DropSampleWriter, FastMinhashSignature
 
     folder, glob = shards(source)
     n_files = len(list(Path(folder).glob(glob)))
@@ -222,7 +221,7 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
             return work / "exact", stats, seconds
         current = "exact"
     if dedup and p.near_dedup.enabled:
-        sig = MinhashDedupSignature(str(work / "mh_sigs"), near, language=WhitespaceWordTokenizer())
+        sig = FastMinhashSignature(str(work / "mh_sigs"), near)  # words split at whitespace
         named(sig, "near_dedup_signatures")
         phase("near_sigs", [read(work / current), sig])
         phase("near_buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=near)],

@@ -10,6 +10,7 @@ filters (Gopher, C4, FineWeb) are datatrove's own; the Gopher and C4 ones are th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -25,15 +26,17 @@ import pandas as pd
 from datasketch import MinHash, MinHashLSH
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupSignature
 from datatrove.pipeline.filters import FineWebQualityFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.lid import FT176LID
+from datatrove.utils.text import simplify_text
 from ftfy.badness import BADNESS_RE, is_bad
 from ftfy.chardata import CONTROL_CHARS, LIGATURES, WIDTH_MAP
 from ftfy.fixes import uncurl_quotes
 
+from stages.batched import BatchedFilter, BatchedFormatter
 from stages.c4 import FastC4QualityFilter
 from stages.gopher import FastGopherQualityFilter, FastGopherRepetitionFilter, WhitespaceWordTokenizer
 
@@ -224,7 +227,7 @@ def fix_text(text: str) -> str:
     return "".join(out)
 
 
-class Normalise(BaseFormatter):
+class Normalise(BatchedFormatter):
     """Broken Unicode (ftfy), a Unicode normal form, no control characters, single spaces, <= 1 blank line."""
 
     name = "normalise"
@@ -256,7 +259,7 @@ _WIKI = re.compile(r"\[\[[^\]]+\]\]|\{\{[^}]+\}\}|'''|^=+ .+ =+$", re.MULTILINE)
 _WIKI_NEEDS = ("[[", "{{", "'''", "= ")  # one per alternative of _WIKI
 
 
-class StripMarkup(BaseFormatter):
+class StripMarkup(BatchedFormatter):
     """HTML (inscriptis, layout-aware) and MediaWiki markup (mwparserfromhell) to plain text.
 
     Only texts that contain markup are parsed: plain text goes through untouched, and a licence that mentions
@@ -282,7 +285,7 @@ class StripMarkup(BaseFormatter):
         return text
 
 
-class Boilerplate(BaseFormatter):
+class Boilerplate(BatchedFormatter):
     """Removes whole lines that match one of `patterns` (navigation, share buttons, cookie banners...)."""
 
     name = "boilerplate"
@@ -302,7 +305,7 @@ class Boilerplate(BaseFormatter):
 # filters
 
 
-class SizeFilter(BaseFilter):
+class SizeFilter(BatchedFilter):
     """First in line: a 100 MB "document" (a dump without newlines) is dropped before anything parses it."""
 
     name = "size"
@@ -317,7 +320,7 @@ class SizeFilter(BaseFilter):
         return len(doc.text) <= self.max_chars or (False, "too_large")
 
 
-class LengthFilter(BaseFilter):
+class LengthFilter(BatchedFilter):
     """Word-count bounds: very short texts (titles, tags, licence names) teach MLM little."""
 
     name = "length"
@@ -360,7 +363,7 @@ class PackagedLID(FT176LID):
         return best, {lang: pairs.get(lang, 0.0) for lang in self.languages} if self.languages else pairs
 
 
-class LanguageIDFilter(BaseFilter):
+class LanguageIDFilter(BatchedFilter):
     """Keeps documents in `languages` with a fastText score >= `threshold` (FineWeb keeps English at 0.65).
 
     datatrove's LanguageFilter with the packaged model: its own downloads lid.176.bin at run time.
@@ -408,7 +411,7 @@ class _Index(NamedTuple):
 _INDEXES: dict[str, _Index] = {}  # Decontaminate's index, per process (see `_build`)
 
 
-class Decontaminate(BaseFilter):
+class Decontaminate(BatchedFilter):
     """Drops domain documents that overlap the task's dev/test texts, so pretraining never sees evaluation text.
 
     - `exact`: the normalised text equals an evaluation text;
@@ -544,6 +547,45 @@ class Decontaminate(BaseFilter):
 
 
 # ---------------------------------------------------------------------------------------------------
+# near-duplicate signatures
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+
+
+class FastMinhashSignature(MinhashDedupSignature):
+    """datatrove's MinHash signature step over whitespace-separated words, with the same shingles, signatures and
+    bucket files as `MinhashDedupSignature(..., language=WhitespaceWordTokenizer())`, for less work:
+    - shingles: `str.split()` finds the same words whether or not the whitespace was collapsed first, so
+      `simplify_text` skips that regex pass (a quarter of its time);
+    - signatures: the remainder modulo the Mersenne prime 2**61 - 1 by shifts and masks instead of numpy's 64-bit
+      division, in place (the demo's 6,131 training documents: 0.66 s -> 0.51 s).
+    """
+
+    def __init__(self, output_folder: str, config: MinhashConfig, **kwargs):
+        super().__init__(output_folder, config, language=_WORDS, **kwargs)
+        self._norm = dataclasses.replace(self.config.norm_config, norm_whitespace=False)
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        words = simplify_text(text, self._norm).split()
+        grams = map(" ".join, zip(*(words[i:] for i in range(self.config.n_grams))))
+        return np.fromiter(map(self._hash_func, grams), np.uint64).reshape((-1, 1))
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        a, b = self.parameters
+        phv = shingles * a
+        phv += b  # wraps modulo 2**64, as datatrove's does
+        # x mod (2**61 - 1) = (x & p) + (x >> 61), less p once more if that reaches p (2**61 = 1 mod p)
+        high = phv >> np.uint64(61)
+        phv &= _MERSENNE
+        phv += high
+        np.minimum(phv, np.subtract(phv, _MERSENNE, out=high), out=phv)  # below p, phv - p wraps to a larger number
+        if self.config.hash_config.precision == 32:
+            phv = np.bitwise_and(phv, self.config.hash_config.max)
+        signature = phv.min(axis=0).astype(self.config.hash_config.np_dtype)
+        return signature.reshape(self.config.num_buckets, -1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
 # dropped-document samples
 
 
@@ -572,6 +614,10 @@ class DropSampleWriter(JsonlWriter):
             super().write(document, rank, **kwargs)
 
 
+class FineWebFilter(BatchedFilter, FineWebQualityFilter):
+    """datatrove's FineWeb line statistics, counted per batch (`stages.batched`)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # the registry: params.yaml `clean.steps` -> blocks
 
@@ -587,7 +633,7 @@ STEPS: dict[str, Callable[..., PipelineStep]] = {
     "gopher_repetition": lambda **kw: FastGopherRepetitionFilter(language=_WORDS, **kw),
     "gopher_quality": lambda **kw: FastGopherQualityFilter(language=_WORDS, **kw),
     "c4": lambda **kw: FastC4QualityFilter(language=_WORDS, **kw),
-    "fineweb": lambda **kw: FineWebQualityFilter(language=_WORDS, **kw),
+    "fineweb": lambda **kw: FineWebFilter(language=_WORDS, **kw),
     "language": LanguageIDFilter,
     "decontaminate": Decontaminate,
 }
@@ -623,14 +669,13 @@ def build_steps(steps: dict[str, dict[str, Any]], context: dict[str, Any], sampl
         except (TypeError, ValueError) as e:
             raise ValueError(f"clean.steps.{name}: {e}") from None
         named(block, name)
-        if isinstance(block, BaseFilter):
-            # each filter takes FILTER_BATCH documents in a row (datatrove's batching; the default `filter_batch`
-            # filters them one by one): its tables stay in the CPU cache instead of being evicted by the next
-            # filter's after every document. Set here, not in __init__, where datatrove warns that the class
-            # has no `filter_batch` of its own
-            block.batch_size = FILTER_BATCH
-            if samples is not None:
-                block.exclusion_writer = DropSampleWriter(samples / name, per_reason)
+        # each block takes FILTER_BATCH documents in a row (datatrove's batching; the default `filter_batch`
+        # filters them one by one): its tables stay in the CPU cache instead of being evicted by the next
+        # block's after every document. Set here, not in __init__, where datatrove warns that the class
+        # has no `filter_batch` of its own
+        block.batch_size = FILTER_BATCH
+        if isinstance(block, BaseFilter) and samples is not None:
+            block.exclusion_writer = DropSampleWriter(samples / name, per_reason)
         blocks.append(block)
     return blocks
 

@@ -39,6 +39,8 @@ from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetition
 from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from stages.batched import BatchedFilter
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -132,7 +134,7 @@ def _count_alpha_words(words: list[str], non_alnum_words: list[str]) -> int:
     return n_alnum_with_alpha + sum(1 for w in non_alnum_words if any(map(str.isalpha, w)))
 
 
-class FastGopherQualityFilter(GopherQualityFilter):
+class FastGopherQualityFilter(BatchedFilter, GopherQualityFilter):
     """`GopherQualityFilter` with the same checks, order and reasons, computed with C-level helpers."""
 
     def __init__(self, *args, language: str | WordTokenizer = _DEFAULT_TOKENIZER, **kwargs):
@@ -310,7 +312,7 @@ class _NumpyNGrams:
         return _replay_find_all_duplicate(positions.tolist(), codes.tolist(), self.cum_chars, n, text_len, frac)
 
 
-class FastGopherRepetitionFilter(GopherRepetitionFilter):
+class FastGopherRepetitionFilter(BatchedFilter, GopherRepetitionFilter):
     """`GopherRepetitionFilter` with the same checks, order, thresholds and reasons, on exact integer n-grams.
 
     One intended difference: datatrove's `find_all_duplicate` compares n-grams joined with "" (so the words

@@ -208,3 +208,75 @@ def test_steps_are_built_in_params_order_and_can_be_switched_off(tmp_path):
 def test_bad_step_params_name_the_key(steps, message):
     with pytest.raises(ValueError, match=message):
         check_steps(steps)
+
+
+class _Excluded:
+    """A stand-in exclusion writer that records what it is given."""
+
+    def __init__(self):
+        self.docs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, doc, rank):
+        self.docs.append((doc.id, doc.metadata.get("filter_reason")))
+
+
+def test_batched_loops_count_and_forward_as_datatroves_do():
+    """`stages.batched` counts per batch: the same counter totals, documents and exclusions as datatrove's loops."""
+    from datatrove.pipeline.filters.base_filter import BaseFilter
+    from datatrove.pipeline.formatters.base import BaseFormatter
+
+    texts = ["one two", "w " * 20, "a  b\u00a0c " * 5, "", "x " * 200] * 60  # 300 documents, batches of 7
+    docs = lambda: [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+    results = []
+    for run in (BaseFilter.run, None):
+        length = LengthFilter(min_words=3, max_words=100, exclusion_writer=_Excluded())
+        length.batch_size = 7
+        kept = [(d.id, d.text) for d in (run or type(length).run)(length, docs())]
+        counts = {k: v.total for k, v in length.stats.stats.items() if k != "doc_len"}  # not kept per batch
+        results.append((kept, length.exclusion_writer.docs, counts))
+    assert results[0] == results[1]
+    assert results[1][2]["dropped_too_short"] == 120 and results[1][2]["dropped_too_long"] == 60
+    formatted = []
+    for run in (BaseFormatter.run, None):
+        norm = Normalise()
+        norm.batch_size = 7
+        out = [(d.id, d.text) for d in (run or type(norm).run)(norm, docs())]
+        formatted.append((out, {k: v.total for k, v in norm.stats.stats.items() if k != "time"}))
+    assert formatted[0] == formatted[1] and formatted[1][1]["total"] == 300
+
+
+@pytest.mark.parametrize("precision,diacritics", [(64, False), (32, True)])
+def test_fast_minhash_signature_is_datatroves(tmp_path, precision, diacritics):
+    """Same shingles and signatures as datatrove's step with whitespace words, for any 64-bit shingle."""
+    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupSignature
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.text import TextNormConfig
+
+    from stages.filters import FastMinhashSignature
+    from stages.gopher import WhitespaceWordTokenizer
+
+    config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=precision),
+                           norm_config=TextNormConfig(norm_unicode_diacritics=diacritics))
+    ours = FastMinhashSignature(str(tmp_path / "ours"), config)
+    theirs = MinhashDedupSignature(str(tmp_path / "theirs"), config, language=WhitespaceWordTokenizer())
+    texts = ["", "too short here", "Permission is hereby granted, free of charge, to any person obtaining a copy",
+             "Ünïcödé wörds, ünïcödé WÖRDS; and the same five words again: and the same five words again",
+             # whitespace that the collapsing regex and str.split() must agree on, punctuation that becomes space
+             " lead\ttab\u00a0nbsp\u2000quad\u3000ideo\x1cfs\x1funit\u2028line  (1) a--b; c.d/e 3,000.5 end\n"]
+    for text in texts:
+        assert np.array_equal(ours.get_shingles(text), theirs.get_shingles(text)), text
+    rng = np.random.default_rng(0)
+    edge = [0, 1, (1 << 61) - 2, (1 << 61) - 1, 1 << 61, (1 << 64) - 1]
+    # shingles whose a * s + b (mod 2**64) is exactly 2**61 - 1, which reduces to 0: the rare second subtraction
+    a, b = (x.ravel().tolist() for x in theirs.parameters)
+    edge += [((1 << 61) - 1 - bj) * pow(aj, -1, 1 << 64) % (1 << 64) for aj, bj in zip(a, b) if aj % 2]
+    edge = np.array(edge, np.uint64)
+    for shingles in (edge, rng.integers(0, 1 << 64, 5000, np.uint64, endpoint=False)):
+        shingles = shingles.reshape(-1, 1)
+        assert ours.get_signature(shingles) == theirs.get_signature(shingles)
