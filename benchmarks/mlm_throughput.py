@@ -98,11 +98,10 @@ def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device
     module = SparseMLM(model) if sparse else model
     if bf16_weights:
         master = [p.detach().clone().float() for p in model.parameters()]
-        model.to(torch.bfloat16)
-    params = list(model.parameters())
-    if bf16_weights:
         for m in master:
             m.grad = torch.zeros_like(m)
+        model.to(torch.bfloat16)
+    params = list(model.parameters())
     if compiled == "regions":
         compile_regions(module, mode=compile_mode)
     elif compiled == "layers":

@@ -484,10 +484,11 @@ class Decontaminate(BatchedFilter):
         return MinHash(seed=self.seed, hashvalues=signature, permutations=permutations, scheme="affine32")
 
     def _near(self, index: _Index, shingles: np.ndarray) -> bool:
-        """An evaluation text with word 5-gram Jaccard >= near_threshold: LSH candidates, most similar first by
-        their MinHash estimate, confirmed by the exact Jaccard. A candidate estimated 0.3 below the threshold is
-        not confirmed: with 128 permutations, a pair at the threshold is estimated that low with probability 1e-14
-        (0.8) to 4e-12 (0.6), and such candidates (other notices with the same boilerplate) took most of the time.
+        """An evaluation text with word 5-gram Jaccard >= near_threshold to `shingles` (distinct, in any order):
+        LSH candidates, most similar first by their MinHash estimate, confirmed by the exact Jaccard. A candidate
+        estimated 0.3 below the threshold is not confirmed: with 128 permutations, a pair at the threshold is
+        estimated that low with probability 1e-14 (0.8) to 4e-12 (0.6), and such candidates (other notices with the
+        same boilerplate) took most of the time.
         """
         signature = self._signature(index.permutations, shingles)
         found = np.fromiter(index.lsh.query(self._minhash(index.permutations, signature)), np.int64)
@@ -528,12 +529,13 @@ class Decontaminate(BatchedFilter):
             leaked[doc[:len(longer)][hits]] = True
         out: list[str | None] = []
         for i, text in enumerate(texts):
+            own = slice(firsts[i], firsts[i + 1] - self.SHINGLE + 1)  # text i's 5-grams
             # an evaluation text's own words: only then can the normalised texts be equal
             if shared[i] == distinct[i] and fingerprint(text) in index.fingerprints:
                 out.append("exact")
             # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash
             elif distinct[i] and shared[i] >= self.near_threshold * distinct[i] and self._near(
-                    index, np.unique(grams[firsts[i]:firsts[i + 1] - self.SHINGLE + 1])):
+                    index, grams[own][first[own]]):
                 out.append("near")
             else:
                 out.append("ngram" if leaked[i] else None)
