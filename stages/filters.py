@@ -16,6 +16,7 @@ import hashlib
 import re
 import sys
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -146,12 +147,12 @@ def longer_ngrams(grams: np.ndarray, size: int, n: int) -> np.ndarray:
 # normalisers
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-# runs of spaces and tabs become one space: only runs that change are matched (not every single space, which
-# made this the slowest line of `Normalise`)
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]{2,}|[\t\u00a0\u2000-\u200b\u3000]")
-_SPACE_RUNS = re.compile("  +")  # in ASCII, once tabs are spaces: a literal prefix, which `re` scans for 2x faster
+# ASCII control characters and tabs become spaces, in one pass over the UTF-8 bytes (a byte below 0x80 is always
+# an ASCII character there): a regex character class tested at every position took 5x longer
+_CONTROL_TO_SPACE = bytes(32 if (b < 32 and b not in (10, 13)) or b == 127 else b for b in range(256))
+_ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200b\u3000]")  # no-break, typographic, zero-width, ideographic
+_SPACE_RUNS = re.compile("  +")  # a literal prefix, which `re` scans for fast
 _BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 
 
@@ -247,9 +248,13 @@ class Normalise(BatchedFormatter):
         if self.ftfy and (not text.isascii() or "&" in text or "\x1b" in text):
             text = fix_text(text)
         text = unicodedata.normalize(self.form, text).replace("\r\n", "\n").replace("\r", "\n")
-        text = _CONTROL.sub(" ", text)
-        text = _SPACE_RUNS.sub(" ", text.replace("\t", " ")) if text.isascii() else _SPACES.sub(" ", text)
+        text = text.encode("utf-8").translate(_CONTROL_TO_SPACE).decode("utf-8")
+        if not text.isascii():
+            text = _ODD_SPACES.sub(" ", text)
+        # lines stripped before runs of spaces become one: indentation is most of the runs, and stripping it first
+        # leaves the same text (a run never straddles a line's edge)
         text = "\n".join(line.strip() for line in text.split("\n"))
+        text = _SPACE_RUNS.sub(" ", text) if "  " in text else text
         return _BLANK_LINES.sub("\n\n", text).strip()
 
 
@@ -332,10 +337,11 @@ class LengthFilter(BatchedFilter):
         self.min_words, self.max_words = min_words, max_words
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        n = len(doc.text.split())
-        if n < self.min_words:
+        # words are counted only as far as the answer needs (10x cheaper): `split(None, k)` stops after k + 1
+        # pieces, and a text of n words has at least 2n - 1 characters
+        if len(doc.text.split(None, self.min_words)) < self.min_words:
             return False, "too_short"
-        return n <= self.max_words or (False, "too_long")
+        return len(doc.text) < 2 * self.max_words + 1 or len(doc.text.split()) <= self.max_words or (False, "too_long")
 
 
 class PackagedLID(FT176LID):
@@ -397,8 +403,13 @@ def _concat(arrays: Iterable[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.empty(0, np.uint64), *arrays])
 
 
+def _first_in_text(hashes: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Where each (text, hash) pair occurs first, keyed by a 64-bit hash of both (pandas' hash table, no sort)."""
+    return ~pd.Series(hashes ^ _mix(text.astype(np.uint64))).duplicated().to_numpy()
+
+
 class _Index(NamedTuple):
-    """What `Decontaminate` looks documents up in; hashes are sorted and unique."""
+    """What `Decontaminate` looks documents up in; each text's shingles are sorted and unique."""
     fingerprints: set[str]  # of the evaluation texts
     shingles: list[np.ndarray]  # each evaluation text's word 5-grams
     all_shingles: pd.Index  # their union (a hash table)
@@ -414,13 +425,14 @@ _INDEXES: dict[str, _Index] = {}  # Decontaminate's index, per process (see `_bu
 class Decontaminate(BatchedFilter):
     """Drops domain documents that overlap the task's dev/test texts, so pretraining never sees evaluation text.
 
+    The reason is the first of these that applies, cheapest first:
     - `exact`: the normalised text equals an evaluation text;
-    - `near`: word 5-gram Jaccard >= `near_threshold` with one (MinHash LSH from datasketch finds candidates,
-      and the exact Jaccard confirms them);
     - `ngram`: shares a run of `ngram` words with one (GPT-3's 13-gram rule), which also catches a full licence
-      that embeds a test notice. Runs that also occur in the task's *training* texts do not count: fine-tuning
-      shows those to the model anyway, and they are the domain's boilerplate ("provided as is, without warranty
-      of any kind"), shared by thousands of documents.
+      that embeds a test notice, and most near-copies. Runs that also occur in the task's *training* texts do not
+      count: fine-tuning shows those to the model anyway, and they are the domain's boilerplate ("provided as
+      is, without warranty of any kind"), shared by thousands of documents;
+    - `near`: word 5-gram Jaccard >= `near_threshold` with one (MinHash LSH from datasketch finds candidates,
+      and the exact Jaccard confirms them): a near-copy whose shared runs are all boilerplate.
 
     A batch of documents is checked at once: words hashed with numpy (`hashed_words`), n-grams looked up in
     pandas' hash tables, no Python object per word or n-gram.
@@ -437,35 +449,38 @@ class Decontaminate(BatchedFilter):
         self.ngram, self.near_threshold, self.num_perm, self.seed = ngram, near_threshold, num_perm, seed
         self.eval_texts, self.train_texts = list(eval_texts), list(train_texts)
         self._index: _Index | None = None
+        # names this filter's index in `_INDEXES`; copies of the filter (one per datatrove task) share it
+        self._key = uuid.uuid4().hex
 
     def _build(self) -> _Index:
-        # one index per process for the same texts and settings: datatrove runs all of a worker's tasks (shards)
-        # in one process, and each task gets its own copy of this filter
-        key = hashlib.sha1(repr((self.ngram, self.near_threshold, self.num_perm, self.seed, self.eval_texts,
-                                 self.train_texts)).encode("utf-8", "surrogatepass")).hexdigest()
-        if key not in _INDEXES:
+        # one index per process: datatrove runs all of a worker's tasks (shards) in one process, and each task
+        # gets its own copy of this filter
+        if self._key not in _INDEXES:
             _INDEXES.clear()  # only the latest: memory stays bounded whatever else the process cleans
-            _INDEXES[key] = self._index_of()
-        return _INDEXES[key]
+            _INDEXES[self._key] = self._index_of()
+        return _INDEXES[self._key]
 
     def _index_of(self) -> _Index:
         grams = [ngrams(h, self.SHINGLE) for h in word_hashes(self.eval_texts)]
-        shingles = [np.unique(g) for g in grams]
+        text = np.repeat(np.arange(len(grams)), [len(g) for g in grams])
+        keep = _first_in_text(_concat(grams), text)
+        shingles = [np.sort(s) for s in np.split(_concat(grams)[keep], np.cumsum(np.bincount(
+            text[keep], minlength=len(grams)))[:-1])] if grams else []
         eval_ngrams = np.empty(0, np.uint64)
         if self.ngram:
             train = (longer_ngrams(ngrams(h, self.SHINGLE), self.SHINGLE, self.ngram)
                      for h in word_hashes(self.train_texts))
-            eval_ngrams = np.setdiff1d(_concat(longer_ngrams(g, self.SHINGLE, self.ngram) for g in grams),
-                                       _concat(train))
+            # pandas' hash tables: numpy's unique and setdiff1d sort
+            eval_ngrams = pd.unique(_concat(longer_ngrams(g, self.SHINGLE, self.ngram) for g in grams))
+            eval_ngrams = eval_ngrams[~pd.Index(eval_ngrams).isin(_concat(train))]
         permutations = MinHash(num_perm=self.num_perm, seed=self.seed, scheme="affine32").permutations
         # bands and rows tuned for recall: a false candidate costs one exact Jaccard, a miss leaks a test text
         lsh = MinHashLSH(threshold=max(self.near_threshold - 0.1, 0.05), num_perm=self.num_perm, weights=(0.05, 0.95))
-        signatures = np.zeros((len(shingles), self.num_perm), np.uint32)
+        signatures = self._signatures(permutations, shingles)
         for i, s in enumerate(shingles):
             if len(s):
-                signatures[i] = self._signature(permutations, s)
                 lsh.insert(i, self._minhash(permutations, signatures[i]))
-        return _Index({fingerprint(t) for t in self.eval_texts}, shingles, pd.Index(np.unique(_concat(shingles))),
+        return _Index({fingerprint(t) for t in self.eval_texts}, shingles, pd.Index(pd.unique(_concat(shingles))),
                       pd.Index(eval_ngrams), permutations, signatures, lsh)
 
     def __getstate__(self) -> dict:
@@ -473,29 +488,36 @@ class Decontaminate(BatchedFilter):
         return {**self.__dict__, "_index": None}
 
     @staticmethod
-    def _signature(permutations: np.ndarray, shingles: np.ndarray) -> np.ndarray:
-        """MinHash of hashed shingles under datasketch's affine32 permutations, all at once: datasketch's
-        `update_batch` calls its hash function once per shingle. The top 32 bits of a shingle's hash are its input
-        (the permutations are 32-bit)."""
+    def _signatures(permutations: np.ndarray, shingles: list[np.ndarray]) -> np.ndarray:
+        """MinHashes (rows) of a few texts' hashed shingles under datasketch's affine32 permutations, each text's
+        shingles at once: datasketch's `update_batch` calls its hash function once per shingle. The top 32 bits of
+        a shingle's hash are its input (the permutations are 32-bit). A text without shingles gets zeros. (One
+        `np.minimum.reduceat` over all texts was 5x slower than a `min` per text.)"""
         a, b = permutations
-        return ((shingles >> np.uint64(32)).astype(np.uint32)[:, None] * a + b).min(axis=0)
+        out = np.zeros((len(shingles), len(a)), np.uint32)
+        for i, s in enumerate(shingles):
+            if len(s):
+                out[i] = ((s >> np.uint64(32)).astype(np.uint32)[:, None] * a + b).min(axis=0)
+        return out
 
     def _minhash(self, permutations: np.ndarray, signature: np.ndarray) -> MinHash:
         return MinHash(seed=self.seed, hashvalues=signature, permutations=permutations, scheme="affine32")
 
-    def _near(self, index: _Index, shingles: np.ndarray) -> bool:
-        """An evaluation text with word 5-gram Jaccard >= near_threshold to `shingles` (distinct, in any order):
-        LSH candidates, most similar first by their MinHash estimate, confirmed by the exact Jaccard. A candidate
-        estimated 0.3 below the threshold is not confirmed: with 128 permutations, a pair at the threshold is
-        estimated that low with probability 1e-14 (0.8) to 4e-12 (0.6), and such candidates (other notices with the
-        same boilerplate) took most of the time.
+    def _near(self, index: _Index, shingles: np.ndarray, signature: np.ndarray) -> bool:
+        """An evaluation text with word 5-gram Jaccard >= near_threshold to `shingles` (distinct, in any order; their
+        MinHash is `signature`): LSH candidates confirmed by the exact Jaccard, all of them at once. A candidate
+        whose MinHash estimate is 0.3 below the threshold is not confirmed: with 128 permutations, a pair at the
+        threshold is estimated that low with probability 1e-14 (0.8) to 4e-12 (0.6), and such candidates (other
+        notices with the same boilerplate) took most of the time.
         """
-        signature = self._signature(index.permutations, shingles)
         found = np.fromiter(index.lsh.query(self._minhash(index.permutations, signature)), np.int64)
         estimates = (index.signatures[found] == signature).mean(axis=1)
-        hopeful = np.count_nonzero(estimates >= self.near_threshold - 0.3)
-        for i in found[np.argsort(-estimates, kind="stable")[:hopeful]]:
+        for i in found[np.argsort(-estimates, kind="stable")[:np.count_nonzero(estimates >= self.near_threshold - 0.3)]]:
             other = index.shingles[i]
+            # J(A, B) <= min(|A|, |B|) / max(|A|, |B|), computed as the Jaccard below is: most candidates (a long
+            # licence that embeds this notice, a short notice this one embeds) are ruled out by their size
+            if min(len(other), len(shingles)) / max(len(other), len(shingles)) < self.near_threshold:
+                continue
             common = np.count_nonzero(_member(shingles, other))
             if common / (len(shingles) + len(other) - common) >= self.near_threshold:
                 return True
@@ -518,8 +540,7 @@ class Decontaminate(BatchedFilter):
         at = doc[:len(grams)]
         inside = at == doc[self.SHINGLE - 1:]
         known = index.all_shingles.get_indexer(grams) >= 0  # 5-grams found in some evaluation text
-        # each text's distinct 5-grams: the first occurrence of each (text, 5-gram), keyed by a 64-bit hash of both
-        first = inside & ~pd.Series(grams ^ _mix(at.astype(np.uint64))).duplicated().to_numpy()
+        first = inside & _first_in_text(grams, at)  # each text's distinct 5-grams
         distinct = np.bincount(at[first], minlength=len(texts))
         shared = np.bincount(at[first & known], minlength=len(texts))
         leaked = np.zeros(len(texts), bool)  # shares an evaluation n-gram
@@ -527,18 +548,19 @@ class Decontaminate(BatchedFilter):
             longer = longer_ngrams(grams, self.SHINGLE, self.ngram)
             hits = (doc[:len(longer)] == doc[self.ngram - 1:]) & (index.ngrams.get_indexer(longer) >= 0)
             leaked[doc[:len(longer)][hits]] = True
-        out: list[str | None] = []
-        for i, text in enumerate(texts):
-            own = slice(firsts[i], firsts[i + 1] - self.SHINGLE + 1)  # text i's 5-grams
-            # an evaluation text's own words: only then can the normalised texts be equal
-            if shared[i] == distinct[i] and fingerprint(text) in index.fingerprints:
-                out.append("exact")
-            # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash
-            elif distinct[i] and shared[i] >= self.near_threshold * distinct[i] and self._near(
-                    index, grams[own][first[own]]):
-                out.append("near")
-            else:
-                out.append("ngram" if leaked[i] else None)
+        # an evaluation text's own words: only then can the normalised texts be equal
+        out: list[str | None] = ["exact" if shared[i] == distinct[i] and fingerprint(text) in index.fingerprints
+                                 else "ngram" if leaked[i] else None for i, text in enumerate(texts)]
+        # J(A, B) <= |A & B| / |A| <= |A & all| / |A|: most documents are ruled out without a MinHash. The near
+        # check, the costliest, comes last: most near-copies already share an n-gram
+        maybe = np.flatnonzero((distinct > 0) & (shared >= self.near_threshold * distinct)
+                               & np.array([r is None for r in out], bool))
+        if not len(maybe):
+            return out
+        shingles = np.split(grams[first & np.isin(at, maybe)], np.cumsum(distinct[maybe])[:-1])
+        for i, own, signature in zip(maybe, shingles, self._signatures(index.permutations, shingles)):
+            if self._near(index, own, signature):
+                out[i] = "near"
         return out
 
     def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:

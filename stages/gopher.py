@@ -3,21 +3,20 @@
 Why these exist: on our corpus (`data/raw/domain.jsonl`, one core) datatrove 0.10.1's `GopherQualityFilter` runs
 at ~4 MB/s and `GopherRepetitionFilter` at ~1.4 MB/s, while the whole cleaning pipeline has to reach >= 5 MB/s per
 core. The subclasses below take the same constructor parameters and return the same decisions with the same
-reasons, in the same order of checks; only `filter` is rewritten:
+reasons, in the same order of checks; only `filter` (for repetition, `filter_batch`) is rewritten:
 
 - quality: tokenize once and replace the per-word Python generators with C-level `map`/`filterfalse` calls over
   the words, falling back to a per-character check only for the few words that are not alphanumeric;
 - repetition: word n-grams become integer keys (word ids combined exactly in int64, no hashing, no collisions)
-  grouped with numpy; datatrove's sequential "duplicated n-gram" scan is replayed only over the positions whose
-  n-gram occurs more than once, and only for documents that have any. Small documents stay in pure Python, where
-  numpy's per-call overhead would cost more than it saves.
+  grouped with numpy, for a whole batch of documents at once (`_NGrams`); datatrove's sequential "duplicated
+  n-gram" scan is replayed only over the positions whose n-gram occurs more than once, and only for documents
+  that have any. The paragraph and line splits use `str.split` where it gives the regex's pieces.
 
 Measured on that corpus (31.7k documents with >= 8 words, 40 MB, one core of a shared 2-core VM, so +-20%):
-quality 3.7-5.1 -> 12-14 MB/s, repetition 1.2-1.6 -> 5.3-6.5 MB/s, with identical decisions on every document.
-The repetition filter's floor is the tokenizer (`re.findall`, ~20-25 MB/s) plus the paragraph and line splits
-(~45 MB/s). Chained right after it, the quality filter reuses its tokens through datatrove's `split_into_words`
-cache when documents pass one at a time; that cache holds 5 texts, so with `stages.filters`' batches of 256 the
-quality filter splits each text again (a `str.split`: 0.3-0.7 s on the demo, less than batching saves).
+quality 3.7-5.1 -> 12-14 MB/s, repetition 1.2-1.6 -> 5.3-6.5 MB/s one document at a time, with identical
+decisions on every document; batched, on the 12.6k demo documents that reach it: 1.56 s -> 0.93 s.
+The quality filter splits each text into words again: datatrove's `split_into_words` cache holds 5 texts, and
+the filters see batches of 256.
 `tests/test_gopher.py` checks decision-and-reason equality with the parents on generated documents.
 
 `RegexWordTokenizer` exists because datatrove's default English tokenizer needs spaCy/NLTK data that cannot be
@@ -27,8 +26,7 @@ downloaded here; every datatrove filter accepts a `WordTokenizer` instance as it
 from __future__ import annotations
 
 import re
-from collections import Counter
-from itertools import accumulate, filterfalse, repeat
+from itertools import accumulate, chain, filterfalse, repeat
 from collections.abc import Hashable
 
 import numpy as np
@@ -193,8 +191,7 @@ class FastGopherQualityFilter(BatchedFilter, GopherQualityFilter):
 # Repetition filter
 # --------------------------------------------------------------------------------------------------------------
 
-# below this many words the pure-Python path is faster than numpy's fixed per-call cost (measured on our corpus)
-_NUMPY_MIN_WORDS = 200
+_PARAGRAPH_BREAKS = re.compile(r"\n{2,}")
 
 
 def _find_duplicates(items: list[str]) -> tuple[int, int]:
@@ -210,6 +207,20 @@ def _find_duplicates(items: list[str]) -> tuple[int, int]:
         else:
             seen.add(item)
     return n_dup, dup_chars
+
+
+def _paragraphs(text: str) -> list[str]:
+    """`re.split(r"\\n{2,}", text)` (datatrove's paragraph split), 4x faster: `str.split` where no run is longer."""
+    return text.split("\n\n") if "\n\n\n" not in text else _PARAGRAPH_BREAKS.split(text)
+
+
+def _lines(text: str) -> list[str]:
+    """`re.split("\\n+", text)` (datatrove's line split), 4x faster: a run of newlines leaves empty pieces between
+    them, and only there, in `str.split`."""
+    pieces = text.split("\n")
+    if len(pieces) < 3 or "\n\n" not in text:
+        return pieces
+    return [pieces[0], *filter(None, pieces[1:-1]), pieces[-1]]
 
 
 def _replay_find_all_duplicate(
@@ -239,77 +250,73 @@ def _replay_find_all_duplicate(
     return repeated
 
 
-class _PyNGrams:
-    """Word n-gram statistics on tuples of words, for short documents (numpy's per-call cost would dominate)."""
+class _NGrams:
+    """Word n-gram statistics of a batch of documents, on exact integer codes, level by level over fewer and fewer
+    positions, all documents at once.
 
-    def __init__(self, words: list[str], cum_chars: list[int]):
-        self.words, self.cum_chars = words, cum_chars
-        self._unique_from = len(words) + 1  # from this n on all n-grams differ, as they do once shorter ones do
-
-    def _grams(self, n: int) -> list[tuple[str, ...]]:
-        return list(zip(*(self.words[i:] for i in range(n))))
-
-    def top(self, n: int) -> tuple[int, int]:
-        """(count, chars) of the most frequent n-gram; ties go to the first seen, as in Counter.most_common."""
-        gram, count = Counter(self._grams(n)).most_common(1)[0]
-        return count, sum(map(len, gram)) + n - 1
-
-    def dup_chars(self, n: int, text_len: int, frac: float) -> int:
-        if n >= self._unique_from:
-            return 0
-        grams = self._grams(n)
-        if len(set(grams)) == len(grams):
-            self._unique_from = n
-            return 0
-        return _replay_find_all_duplicate(range(len(grams)), grams, self.cum_chars, n, text_len, frac)
-
-
-class _NumpyNGrams:
-    """Word n-gram statistics on exact integer codes, level by level over fewer and fewer positions.
-
-    Level n holds the positions whose n-gram occurs more than once, each with a code that identifies its n-gram:
-    `pandas.factorize` (a hash table, no sort) of (code of the (n-1)-gram) * vocabulary + (id of the n-th word),
-    so codes are dense, collision free and numbered in order of first appearance. An n-gram can repeat only where
-    its (n-1)-gram does, so each level is built from the previous one alone and most documents run out of
-    candidates after a few words.
+    Level n holds the positions whose n-gram occurs more than once in its document, each with a code that
+    identifies the n-gram within the batch: `pandas.factorize` (a hash table, no sort) of (code of the (n-1)-gram)
+    * N + (id of the n-th word), so codes are dense, collision free and numbered in order of first appearance.
+    Level 1 codes a (document, word) pair, so no n-gram is shared between documents. An n-gram can repeat only
+    where its (n-1)-gram does, so each level is built from the previous one alone and most positions drop out
+    after a few words. One numpy call per level for the whole batch, where one per document cost more than the
+    work on short documents.
     """
 
-    def __init__(self, words: list[str], cum_chars: list[int]):
-        # a word's id is the position of its first occurrence (< len(words)): one C-level pass, no second lookup
+    def __init__(self, words: list[list[str]], top_ns: set[int], max_n: int):
+        self.flat = list(chain.from_iterable(words))
+        total = len(self.flat)
+        self.sizes = np.fromiter(map(len, words), np.int64, len(words))
+        self.starts = np.cumsum(self.sizes) - self.sizes
+        self._cum_chars: dict[int, list[int]] = {}  # per document, made when a duplicated n-gram rule needs it
+        # a word's id is the position of its first occurrence (< total): one C-level pass, no second lookup
         first_seen: dict[str, int] = {}
-        self.ids = np.fromiter(map(first_seen.setdefault, words, range(len(words))), np.int64, len(words))
-        self.n_vocab = len(words)
-        self.cum_chars = cum_chars
-        # level 1 starts from every position (a superset of the repeated ones is all a level needs)
-        self._levels: dict[int, tuple[np.ndarray, np.ndarray]] = {1: (np.arange(len(words)), self.ids)}
-        self._tops: dict[int, tuple[int, int]] = {}  # n -> (count, first position) of the most frequent n-gram
+        ids = np.fromiter(map(first_seen.setdefault, self.flat, range(total)), np.int64, total)
+        doc = np.repeat(np.arange(len(words)), self.sizes)
+        ends = self.starts + self.sizes
+        # lists, not arrays, where each document reads its own entry: a numpy scalar costs ~1 µs to read
+        self.tops: dict[int, tuple[list[int], list[int]]] = {}  # n -> each document's (count, position)
+        self.levels: dict[int, tuple[np.ndarray, np.ndarray, list[list[int]]]] = {}  # n -> positions, codes, bounds
+        positions, codes = np.arange(total), doc * total + ids
+        for n in range(1, max_n + 1):
+            if n > 1:
+                inside = positions + n - 1 < ends[doc[positions]]
+                positions, codes = positions[inside], codes[inside] * total + ids[positions[inside] + n - 1]
+            codes = pd.factorize(codes)[0]
+            counts = np.bincount(codes)[codes]
+            if n in top_ns:
+                self.tops[n] = self._tops(positions, counts, doc[positions])
+            positions, codes = positions[counts >= 2], codes[counts >= 2]
+            self.levels[n] = positions, codes, np.searchsorted(positions, np.stack([self.starts, ends], 1)).tolist()
 
-    def _level(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        for m in range(max(k for k in self._levels if k <= n) + 1, n + 1):
-            positions, codes = self._levels[m - 1]
-            positions, codes = positions[positions <= len(self.ids) - m], codes[positions <= len(self.ids) - m]
-            codes = pd.factorize(codes * self.n_vocab + self.ids[positions + m - 1])[0]
-            counts = np.bincount(codes)
-            top = int(counts.argmax()) if len(counts) else 0  # first of the ties = first to appear
-            if len(counts) and counts[top] >= 2:
-                self._tops[m] = int(counts[top]), int(positions[np.argmax(codes == top)])
-            else:  # all m-grams differ: the first one is the top
-                self._tops[m] = 1, 0
-            repeated = counts[codes] >= 2
-            self._levels[m] = positions[repeated], codes[repeated]
-        return self._levels[n]
+    def _tops(self, positions: np.ndarray, counts: np.ndarray, at: np.ndarray) -> tuple[list[int], list[int]]:
+        """Each document's most frequent n-gram (count, first position), the first to appear among ties (as
+        Counter.most_common); where none repeats, the first n-gram (count 1)."""
+        top = np.zeros(len(self.sizes), np.int64)
+        np.maximum.at(top, at, counts)
+        hit = np.flatnonzero((counts == top[at]) & (counts >= 2))
+        first = hit[np.r_[True, at[hit][1:] != at[hit][:-1]]] if len(hit) else hit
+        count, where = np.ones(len(self.sizes), np.int64), self.starts.copy()
+        count[at[first]], where[at[first]] = counts[first], positions[first]
+        return count.tolist(), where.tolist()
 
-    def top(self, n: int) -> tuple[int, int]:
-        """(count, chars) of the most frequent n-gram; ties go to the first seen, as in Counter.most_common."""
-        self._level(n)
-        count, pos = self._tops[n]
-        return count, self.cum_chars[pos + n] - self.cum_chars[pos] + n - 1
+    def top(self, doc: int, n: int) -> tuple[int, int]:
+        """(count, chars) of document `doc`'s most frequent n-gram (chars as datatrove counts them, joined)."""
+        count, pos = self.tops[n][0][doc], self.tops[n][1][doc]
+        return count, sum(map(len, self.flat[pos:pos + n])) + n - 1
 
-    def dup_chars(self, n: int, text_len: int, frac: float) -> int:
-        positions, codes = self._level(n)
-        if not len(positions):
+    def dup_chars(self, doc: int, n: int, text_len: int, frac: float) -> int:
+        """Characters in document `doc`'s duplicated n-grams, as datatrove's `find_all_duplicate` counts them."""
+        positions, codes, bounds = self.levels[n]
+        a, b = bounds[doc]
+        if a == b:
             return 0
-        return _replay_find_all_duplicate(positions.tolist(), codes.tolist(), self.cum_chars, n, text_len, frac)
+        start = int(self.starts[doc])
+        if doc not in self._cum_chars:  # chars of the document's words i..j-1 = cum[j] - cum[i]
+            self._cum_chars[doc] = list(accumulate(map(len, self.flat[start:int(self.starts[doc] + self.sizes[doc])]),
+                                                   initial=0))
+        return _replay_find_all_duplicate((positions[a:b] - start).tolist(), codes[a:b].tolist(),
+                                          self._cum_chars[doc], n, text_len, frac)
 
 
 class FastGopherRepetitionFilter(BatchedFilter, GopherRepetitionFilter):
@@ -328,47 +335,49 @@ class FastGopherRepetitionFilter(BatchedFilter, GopherRepetitionFilter):
         super().__init__(*args, language=language, **kwargs)
         self.min_top_count = min_top_count
 
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        text = doc.text
+    def _line_reason(self, text: str) -> str | None:
+        """The paragraph and line rules (datatrove's first checks), or None when the text passes them."""
         if not text:
-            return False, "empty"
-
-        paragraphs = self.paragraph_exp.split(text.strip())
+            return "empty"
+        paragraphs = _paragraphs(text.strip())
         paragraphs_duplicates, char_duplicates = _find_duplicates(paragraphs)
         if self.dup_para_frac and paragraphs_duplicates / len(paragraphs) > self.dup_para_frac:
-            return False, "dup_para_frac"
+            return "dup_para_frac"
         if self.dup_para_char_frac and char_duplicates / len(text) > self.dup_para_char_frac:
-            return False, "dup_para_char_frac"
-
-        lines = self._line_splitter.split(text)
+            return "dup_para_char_frac"
+        lines = _lines(text)
         line_duplicates, char_duplicates = _find_duplicates(lines)
         if self.dup_line_frac and line_duplicates / len(lines) > self.dup_line_frac:
-            return False, "dup_line_frac"
+            return "dup_line_frac"
         if self.dup_line_char_frac and char_duplicates / len(text) > self.dup_line_char_frac:
-            return False, "dup_line_char_frac"
+            return "dup_line_char_frac"
+        return None
 
-        words = split_into_words(text, self.language)
-        cum_chars = list(accumulate(map(len, words), initial=0))  # chars of words[i:j] = cum[j] - cum[i]
-        ngrams_cls = _NumpyNGrams if len(words) >= _NUMPY_MIN_WORDS else _PyNGrams
-        ngrams = ngrams_cls(words, cum_chars)
-        # if no n-gram repeats, no longer one does either: the scans for n >= this are known to find nothing
-        no_repeats_from = len(words) + 1
-
+    def _ngram_reason(self, grams: _NGrams, i: int, text: str, n_words: int) -> str | None:
+        """The n-gram rules, in datatrove's order, for document i of `grams`."""
         for n, n_frac in self.top_n_grams:
-            if len(words) < n:
+            if n_words < n:
                 continue
-            count, chars = ngrams.top(n)
+            count, chars = grams.top(i, n)
             if count >= self.min_top_count and count * chars / len(text) > n_frac:
-                return False, f"top_{n}_gram"
-            if count == 1:
-                no_repeats_from = min(no_repeats_from, n)
-
+                return f"top_{n}_gram"
         for n, n_frac in self.dup_n_grams:
-            if n >= no_repeats_from or len(words) < n:
-                n_duplicates_char = 0
-            else:
-                n_duplicates_char = ngrams.dup_chars(n, len(text), n_frac)
-            if n_duplicates_char / len(text) > n_frac:
-                return False, f"duplicated_{n}_n_grams"
+            if n_words >= n and grams.dup_chars(i, n, len(text), n_frac) / len(text) > n_frac:
+                return f"duplicated_{n}_n_grams"
+        return None
 
-        return True
+    def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        reasons = [self._line_reason(doc.text) for doc in batch]
+        rest = [doc.text for doc, reason in zip(batch, reasons) if reason is None]
+        words = [split_into_words(text, self.language) for text in rest]
+        grams = _NGrams(words, {n for n, _ in self.top_n_grams},
+                        max((n for n, _ in (*self.top_n_grams, *self.dup_n_grams)), default=0))
+        found = iter([self._ngram_reason(grams, i, text, len(w)) for i, (text, w) in enumerate(zip(rest, words))])
+        results: list[bool | tuple[bool, str]] = []
+        for reason in reasons:
+            reason = reason or next(found)  # the documents that passed the line rules, in order
+            results.append((False, reason) if reason else True)
+        return results
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return self.filter_batch([doc])[0]

@@ -32,6 +32,7 @@ def test_normalise_fixes_mojibake_unicode_forms_controls_and_spacing():
     "Tom &amp; Jerry\n<p>a &lt;tag&gt; line</p>\nafter it: caf\u00e9 &amp; more\nplain &amp; ascii\n",
     "a &lt; b\nthen &amp; c\n",  # an entity that becomes "<" does not stop the unescaping
     "ﬁne print\r\nCRLF line\r\n\x1b[31mred\x1b[0m text\nno newline at the end Ã©",
+    "caf\u00e9 and \u201cquotes\u201d\nÂ at a line's start is mojibake only there\n",  # "^" in ftfy's patterns
     "",
 ])
 def test_fix_text_is_ftfy_on_the_lines_it_can_change(text):
@@ -96,6 +97,20 @@ def test_length_filter_reasons():
         LengthFilter(min_words=9, max_words=3)
 
 
+def test_length_filter_counts_as_far_as_it_needs_to():
+    import itertools
+
+    # every text of up to 12 characters from a word, two kinds of whitespace and a newline, at the bounds
+    for min_words, max_words in ((0, 0), (1, 1), (2, 3), (3, 5)):
+        f = LengthFilter(min_words=min_words, max_words=max_words)
+        for size in range(13):
+            for chars in itertools.product("a \t\n", repeat=size) if size < 8 else [("a ", " a\t") * (size // 2)]:
+                text = "".join(chars)
+                n = len(text.split())
+                expected = (False, "too_short") if n < min_words else n <= max_words or (False, "too_long")
+                assert f.filter(doc(text)) == expected, (text, min_words, max_words)
+
+
 def test_language_filter_uses_the_packaged_model():
     f = LanguageIDFilter(["en"], threshold=0.65)
     english = doc("Permission is hereby granted, free of charge, to any person obtaining a copy of this software.")
@@ -113,14 +128,18 @@ def test_decontamination_reasons():
     d = Decontaminate([test_text, f"{boiler} warranties of merchantability"], train_texts=[f"{boiler} fitness"],
                       ngram=13, near_threshold=0.8)
     assert d.filter(doc(test_text.upper().replace(" ", "  "))) == (False, "contaminated_exact")
-    near = test_text.replace("verbatim", "exact")  # one word changed
-    assert d.filter(doc(near)) == (False, "contaminated_near")
+    near = test_text.replace("verbatim", "exact")  # one word changed: it still shares runs of 13 words
+    assert d.filter(doc(near)) == (False, "contaminated_ngram")
+    # where the task's training texts have every run it shares too, its 5-gram Jaccard with the test text decides
+    only_near = Decontaminate([test_text], train_texts=[test_text], ngram=13, near_threshold=0.8)
+    assert only_near.filter(doc(near)) == (False, "contaminated_near")
+    assert only_near.filter(doc(test_text.replace("verbatim copies", "copies").replace("any", "every"))) is True
     embeds = "Preamble. " * 50 + " ".join(test_text.split()[:14]) + " and much more text of another licence " * 20
     assert d.filter(doc(embeds)) == (False, "contaminated_ngram")
     # 13 words that the task's training texts share are boilerplate, not leakage
     assert d.filter(doc(f"intro words here {boiler} something else entirely different")) is True
     # the index is rebuilt after pickling
-    assert pickle.loads(pickle.dumps(d)).filter(doc(near)) == (False, "contaminated_near")
+    assert pickle.loads(pickle.dumps(only_near)).filter(doc(near)) == (False, "contaminated_near")
     # a batch, in chunks of a few texts (`hashed_words`), decides as one text at a time
     texts = [test_text.upper(), near, embeds, boiler, "", "short text", test_text[:40]] * 3
     assert d.reasons(texts) == [d.reasons([t])[0] for t in texts]

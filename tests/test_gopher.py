@@ -109,6 +109,7 @@ def test_repetition_matches_datatrove(params: dict) -> None:
     docs = _documents()
     expected = [parent.filter(d) for d in docs]
     assert [fast.filter(d) for d in docs] == expected
+    assert fast.filter_batch(docs) == expected  # documents batched together share no n-grams
     reasons = {_reason(r) for r in expected}
     assert len(reasons) >= 5, reasons
     assert any(r.startswith("duplicated_") for r in reasons), reasons
@@ -123,7 +124,9 @@ def test_repetition_matches_datatrove_on_long_documents() -> None:
     for params in ({}, loose):
         parent = GopherRepetitionFilter(language=WORDS, **params)
         fast = FastGopherRepetitionFilter(language=WORDS, **params)
-        assert [fast.filter(d) for d in docs] == [parent.filter(d) for d in docs]
+        expected = [parent.filter(d) for d in docs]
+        assert [fast.filter(d) for d in docs] == expected
+        assert fast.filter_batch(docs) == expected
 
 
 def test_defaults_use_the_regex_tokenizer() -> None:
@@ -230,3 +233,16 @@ def test_min_top_count_two_keeps_short_texts_without_repeats() -> None:
     doc = lambda: Document(text=text, id="x")
     assert FastGopherRepetitionFilter(language=WORDS).filter(doc()) == (False, "top_3_gram")
     assert FastGopherRepetitionFilter(language=WORDS, min_top_count=2).filter(doc()) is True
+
+
+def test_paragraph_and_line_splits_are_datatroves_regexes() -> None:
+    import itertools
+    import re
+
+    from stages.gopher import _lines, _paragraphs
+
+    for size in range(9):  # every text of up to 8 characters from a letter, a space and a newline
+        for chars in itertools.product("a \n", repeat=size):
+            text = "".join(chars)
+            assert _paragraphs(text) == re.split(r"\n{2,}", text), repr(text)
+            assert _lines(text) == re.split("\n+", text), repr(text)
