@@ -151,7 +151,7 @@ def test_word_hashes_split_words_as_python_regex_does():
     import re
 
     texts = ["Else, ELSE else_2 l'élan İstanbul naïve cafe\u0301 x²³ ٣٤ 漢字かな 👍🏽 a\tb\nc",
-             "lone \udc80 surrogate", "", "   ", "one", "snake_case and CamelCase, 1,000.50 €"] * 2
+             "lone \udc80 surrogate", "", "   ", "one", "snake_case and CamelCase, 1,000.50 €", "bold 𝐀𝐁c 𝟙 words"] * 2
     hashes = word_hashes(texts)
     seen: dict[str, int] = {}
     for text, h in zip(texts, hashes):
