@@ -260,9 +260,10 @@ class Normalise(BatchedFormatter):
             text = _ODD_SPACES.sub(" ", text)
         # lines stripped before runs of spaces become one: indentation is most of the runs, and stripping it first
         # leaves the same text (a run never straddles a line's edge)
-        text = "\n".join(line.strip() for line in text.split("\n"))
+        text = "\n".join(map(str.strip, text.split("\n")))
         text = _SPACE_RUNS.sub(" ", text) if "  " in text else text
-        return _BLANK_LINES.sub("\n\n", text).strip()
+        # lines are stripped: only newlines are left next to newlines, so three in a row are all it can match
+        return (_BLANK_LINES.sub("\n\n", text) if "\n\n\n" in text else text).strip()
 
 
 _HTML = re.compile(r"<(?:html|body|head|div|p|br|span|a|b|i|em|strong|table|tr|td|li|ul|ol|h[1-6]|script|style|pre)"
