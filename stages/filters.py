@@ -458,7 +458,8 @@ class Decontaminate(BatchedFilter):
         self.ngram, self.near_threshold, self.num_perm, self.seed = ngram, near_threshold, num_perm, seed
         self.eval_texts, self.train_texts = list(eval_texts), list(train_texts)
         self._index: _Index | None = None
-        # names this filter's index in `_INDEXES`; copies of the filter (one per datatrove task) share it
+        # names this filter's index in `_INDEXES`; copies of the filter (one per datatrove task) share it, so its
+        # texts and settings must not change once it is made
         self._key = uuid.uuid4().hex
 
     def _build(self) -> _Index:
@@ -514,14 +515,15 @@ class Decontaminate(BatchedFilter):
 
     def _near(self, index: _Index, shingles: np.ndarray, signature: np.ndarray) -> bool:
         """An evaluation text with word 5-gram Jaccard >= near_threshold to `shingles` (distinct, in any order; their
-        MinHash is `signature`): LSH candidates confirmed by the exact Jaccard, all of them at once. A candidate
-        whose MinHash estimate is 0.3 below the threshold is not confirmed: with 128 permutations, a pair at the
-        threshold is estimated that low with probability 1e-14 (0.8) to 4e-12 (0.6), and such candidates (other
-        notices with the same boilerplate) took most of the time.
+        MinHash is `signature`): LSH candidates, most similar first by their MinHash estimate, confirmed by the
+        exact Jaccard. A candidate whose estimate is 0.3 below the threshold is not confirmed: with 128
+        permutations, a pair at the threshold is estimated that low with probability 1e-14 (0.8) to 4e-12 (0.6),
+        and such candidates (other notices with the same boilerplate) took most of the time.
         """
         found = np.fromiter(index.lsh.query(self._minhash(index.permutations, signature)), np.int64)
         estimates = (index.signatures[found] == signature).mean(axis=1)
-        for i in found[np.argsort(-estimates, kind="stable")[:np.count_nonzero(estimates >= self.near_threshold - 0.3)]]:
+        hopeful = np.count_nonzero(estimates >= self.near_threshold - 0.3)
+        for i in found[np.argsort(-estimates, kind="stable")[:hopeful]]:
             other = index.shingles[i]
             # J(A, B) <= min(|A|, |B|) / max(|A|, |B|), computed as the Jaccard below is: most candidates (a long
             # licence that embeds this notice, a short notice this one embeds) are ruled out by their size
@@ -556,11 +558,11 @@ class Decontaminate(BatchedFilter):
         if len(index.ngrams):
             longer = longer_ngrams(grams, self.SHINGLE, self.ngram)
             # an evaluation n-gram is made of evaluation 5-grams: only those n-grams are looked up
-            maybe = doc[:len(longer)] == doc[self.ngram - 1:]
+            candidate = doc[:len(longer)] == doc[self.ngram - 1:]
             for o in covering(self.SHINGLE, self.ngram):
-                maybe &= known[o:o + len(longer)]
-            at_maybe = np.flatnonzero(maybe)
-            leaked[doc[at_maybe[index.ngrams.get_indexer(longer[at_maybe]) >= 0]]] = True
+                candidate &= known[o:o + len(longer)]
+            where = np.flatnonzero(candidate)
+            leaked[doc[where[index.ngrams.get_indexer(longer[where]) >= 0]]] = True
         # an evaluation text's own words: only then can the normalised texts be equal
         out: list[str | None] = ["exact" if shared[i] == distinct[i] and fingerprint(text) in index.fingerprints
                                  else "ngram" if leaked[i] else None for i, text in enumerate(texts)]

@@ -116,7 +116,7 @@ def test_repetition_matches_datatrove(params: dict) -> None:
 
 
 def test_repetition_matches_datatrove_on_long_documents() -> None:
-    """Documents long enough for the numpy path, with ties and overlapping repeats."""
+    """Long documents, with ties and overlapping repeats."""
     rng = random.Random(1)
     docs = [Document(text=" ".join(_document(rng, rng.choice(_KINDS)) for _ in range(rng.randint(20, 60))), id=str(i))
             for i in range(40)]
@@ -246,3 +246,10 @@ def test_paragraph_and_line_splits_are_datatroves_regexes() -> None:
             text = "".join(chars)
             assert _paragraphs(text) == re.split(r"\n{2,}", text), repr(text)
             assert _lines(text) == re.split("\n+", text), repr(text)
+
+
+def test_repetition_batch_keeps_documents_apart() -> None:
+    """An n-gram never runs from one document of a batch into the next: "a" + "b" across the boundary would make
+    "a b" occur twice in the first document."""
+    docs = [Document(text="a b a", id="0"), Document(text="b c", id="1")]
+    assert FastGopherRepetitionFilter(language=WORDS, min_top_count=2).filter_batch(docs) == [True, True]
