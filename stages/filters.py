@@ -472,9 +472,9 @@ class Decontaminate(BatchedFilter):
 
     def _index_of(self) -> _Index:
         grams = [ngrams(h, self.SHINGLE) for h in word_hashes(self.eval_texts)]
-        text = np.repeat(np.arange(len(grams)), [len(g) for g in grams])
-        keep = _first_in_text(_concat(grams), text)
-        shingles = [np.sort(s) for s in np.split(_concat(grams)[keep], np.cumsum(np.bincount(
+        every, text = _concat(grams), np.repeat(np.arange(len(grams)), [len(g) for g in grams])
+        keep = _first_in_text(every, text)
+        shingles = [np.sort(s) for s in np.split(every[keep], np.cumsum(np.bincount(
             text[keep], minlength=len(grams)))[:-1])] if grams else []
         eval_ngrams = np.empty(0, np.uint64)
         if self.ngram:

@@ -313,8 +313,8 @@ class _NGrams:
             return 0
         start = int(self.starts[doc])
         if doc not in self._cum_chars:  # chars of the document's words i..j-1 = cum[j] - cum[i]
-            self._cum_chars[doc] = list(accumulate(map(len, self.flat[start:int(self.starts[doc] + self.sizes[doc])]),
-                                                   initial=0))
+            words = self.flat[start:start + int(self.sizes[doc])]
+            self._cum_chars[doc] = list(accumulate(map(len, words), initial=0))
         return _replay_find_all_duplicate((positions[a:b] - start).tolist(), codes[a:b].tolist(),
                                           self._cum_chars[doc], n, text_len, frac)
 
