@@ -7,8 +7,9 @@ on its own and runs wherever torch and transformers do.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +235,88 @@ class SparseMLM(torch.nn.Module):
         self.mlm.tie_weights()
 
 
+# ---------------------------------------------------------------------------------------------------
+# bf16 weights, trained on fp32 master copies
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW on fp32 master copies of weights that the model itself holds in bf16 (`pretrain.bf16_weights`), as
+    Megatron-LM trains in bf16.
+
+    Made from the model's fp32 parameters (as the Trainer makes its optimiser, when training starts), it keeps
+    fp32 copies of them and turns the parameters themselves to bf16. From then on the forward and backward run in
+    bf16 without autocast: layer norms, residual sums and dropout write half the bytes. Each step is AdamW on the
+    fp32 copies with the bf16 gradients, rounded back into the model, so updates smaller than a bf16 weight's
+    precision still add up. `state_dict` carries the copies: a run resumed from a checkpoint continues from them,
+    not from their rounding. `full_precision` puts them in the model to evaluate or save it.
+    """
+
+    def __init__(self, params, **kwargs):
+        groups = list(params)
+        groups = [{**g, "params": list(g["params"])} for g in groups] if isinstance(groups[0], dict) \
+            else [{"params": groups}]
+        self.model_params = [p for g in groups for p in g["params"]]
+        super().__init__([{**g, "params": [p.detach().to(torch.float32, copy=True) for p in g["params"]]}
+                          for g in groups], **kwargs)
+        self.masters = [m for g in self.param_groups for m in g["params"]]
+        for p in self.model_params:
+            p.data = p.data.to(torch.bfloat16)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pairs = [(p, m) for p, m in zip(self.model_params, self.masters) if p.grad is not None]
+        for p, m in zip(self.model_params, self.masters):
+            if p.grad is None:  # AdamW leaves a weight without a gradient alone
+                m.grad = None
+            elif m.grad is None:
+                m.grad = torch.empty_like(m)
+        if pairs:  # one kernel per list, not one per tensor
+            torch._foreach_copy_([m.grad for _, m in pairs], [p.grad for p, _ in pairs])
+            super().step()
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The model's gradients; the masters' are scratch space that every step overwrites."""
+        for p in self.model_params:
+            if p.grad is not None:
+                p.grad = None if set_to_none else p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "master_weights": self.masters}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights")
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, m, saved in zip(self.model_params, self.masters, masters, strict=True):
+                m.copy_(saved)
+                p.copy_(m)
+
+
+@contextlib.contextmanager
+def full_precision(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Inside, the parameters a `MasterWeightAdamW` trains are its fp32 master weights (they share their memory):
+    evaluate or save the model as trained, not its bf16 rounding. Any other optimiser: nothing changes."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's
+    if not isinstance(optimizer, MasterWeightAdamW):
+        yield
+        return
+    low = [p.data for p in optimizer.model_params]
+    for p, m in zip(optimizer.model_params, optimizer.masters):
+        p.data = m
+    try:
+        yield
+    finally:
+        for p, data in zip(optimizer.model_params, low):
+            p.data = data
+
+
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of transformer layers of a BERT, RoBERTa or ModernBERT model (bare or `...ForMaskedLM`)."""
     base = getattr(model, "base_model", model)
@@ -276,14 +359,17 @@ def evaluate(model: SparseMLM, batches: list[dict[str, torch.Tensor]]) -> dict[s
 
     Eager even when the model is compiled (`compile_regions`): evaluation graphs (eval mode, no grad, a smaller
     last batch) would count against the compiler's limit of 8 versions per function, which ModernBERT's three
-    kinds of layer reach, and a smaller batch would make the training graphs shape-generic.
+    kinds of layer reach, and a smaller batch would make the training graphs shape-generic. On a GPU in bf16
+    autocast, whether the weights are fp32 or bf16, so the first evaluation (before the Trainer, which adds its
+    own autocast) and the later ones compute alike.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss = correct = count = 0.0
     for batch in batches:
-        out = model(**{k: v.to(device) for k, v in batch.items()})
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            out = model(**{k: v.to(device) for k, v in batch.items()})
         loss += out["loss_sum"].item()
         correct += out["correct"].item()
         count += out["count"].item()

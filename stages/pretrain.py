@@ -5,7 +5,9 @@ between documents, no padding); `mlm_probability` of the tokens (or of the words
 selected afresh every time a block is seen (dynamic masking), never special tokens; of those 80% [MASK] /
 10% a random real token / 10% unchanged; the MLM head computed at the selected positions only (sparse
 prediction: the loss is only defined there, and the vocabulary projection dominates a small model's step).
-`general_replay` mixes that share of general-text blocks into training.
+`general_replay` mixes that share of general-text blocks into training. On a GPU the model computes in bf16
+autocast or, with `bf16_weights`, holds bf16 weights that AdamW updates through fp32 master copies
+(`MasterWeightAdamW`); either way it is evaluated and saved in fp32.
 
 The demo base model has no MLM head, so the head is first trained alone for `head_warmup_steps` with the
 encoder frozen. Then every `eval_steps` the model is scored on held-out domain text and on general text
@@ -58,8 +60,8 @@ from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_logging, write_json, write_text
 from stages import mlm
-from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
-    own_head_parameters, pack
+from stages.mlm import Blocks, EpochSetter, MaskingCollator, MasterWeightAdamW, SparseMLM, compile_regions, evaluate, \
+    fixed_eval_batches, full_precision, own_head_parameters, pack
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 
@@ -88,6 +90,7 @@ class PretrainParams(Section):
     min_delta: float = Field(ge=0)
     max_general_degradation: float = Field(gt=0)
     torch_compile: bool = False
+    bf16_weights: bool = False
     dataloader_workers: int = Field(0, ge=0)
     snapshots: list[int] = Field(default_factory=list)
 
@@ -219,9 +222,10 @@ class DomainGeneralStopping(TrainerCallback):
                 if self.best is None or old != self.best_dir:
                     shutil.rmtree(old)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step % self.p.eval_steps == 0 or state.global_step >= state.max_steps:
-            stop = self.evaluate_and_decide(model, self.step_offset + state.global_step)
+            with full_precision(optimizer):  # the model as trained, fp32 even when it trains in bf16
+                stop = self.evaluate_and_decide(model, self.step_offset + state.global_step)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 # every process evaluated the same model on the same batches; the first one's verdict binds all,
                 # so a rounding difference can never leave one process training alone
@@ -263,10 +267,11 @@ class Snapshots(TrainerCallback):
                 self.tok.save_pretrained(tmp)
                 write_json(tmp / "snapshot.json", {"percent": pct, "reached": True, **self.compute(step)})
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         pct = self.p.snapshot_steps().get(state.global_step)
         if pct is not None:
-            self.save(model, pct, state.global_step)
+            with full_precision(optimizer):
+                self.save(model, pct, state.global_step)
         return control
 
     def finish(self, final: Path, final_step: int) -> None:
@@ -279,8 +284,9 @@ class Snapshots(TrainerCallback):
 
 
 def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float, seed: int,
-                  save: bool) -> TrainingArguments:
-    """Trainer settings shared by both phases; bf16, fused AdamW and pinned memory where there is a GPU."""
+                  save: bool, autocast: bool = True) -> TrainingArguments:
+    """Trainer settings shared by both phases; bf16 autocast (unless the weights are bf16 themselves), fused AdamW
+    and pinned memory where there is a GPU."""
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=p.batch_size, learning_rate=lr,
@@ -288,7 +294,7 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         logging_steps=10, eval_strategy="no", report_to="none", seed=seed,
         save_strategy="steps" if save else "no", save_steps=p.save_steps,
         save_total_limit=2,  # the Trainer drops the older one before `on_save` completes the newer
-        bf16=cuda and torch.cuda.is_bf16_supported(), tf32=cuda or None,
+        bf16=autocast and cuda and torch.cuda.is_bf16_supported(), tf32=cuda or None,
         use_cpu=not cuda,  # also what makes several CPU processes (gloo) one distributed run
         optim="adamw_torch_fused" if cuda else "adamw_torch",  # torch_compile: compile_regions, in main
         dataloader_drop_last=True, dataloader_pin_memory=cuda, dataloader_num_workers=p.dataloader_workers,
@@ -296,6 +302,14 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         logging_nan_inf_filter=False,  # its check reads every step's loss on the host: a GPU sync per step
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
     )
+
+
+def master_weights(args: TrainingArguments) -> tuple[type, dict]:
+    """`pretrain.bf16_weights`: the AdamW the Trainer would make from `args` (fused on a GPU), on fp32 master
+    copies of bf16 weights (`MasterWeightAdamW`, made when training starts: the evaluation before it sees fp32)."""
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is torch.optim.AdamW, cls  # what training_args' optim gives
+    return MasterWeightAdamW, kwargs
 
 
 def curve_csv(history: list[dict]) -> str:
@@ -338,7 +352,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     """Continued MLM pretraining of `variant`, from `models/<variant>_init` to `models/<variant>`."""
     start, work = paths.init_dir(variant), paths.checkpoints / variant
     # first: under torchrun/accelerate, TrainingArguments joins the processes (every one trains, one writes)
-    args = training_args(p, work / "trainer", p.learning_rate, p.max_steps, p.warmup_ratio, p.seed + 1, save=True)
+    args = training_args(p, work / "trainer", p.learning_rate, p.max_steps, p.warmup_ratio, p.seed + 1, save=True,
+                         autocast=not p.bf16_weights)
     if args.n_gpu > 1:  # the Trainer would split each batch over them with nn.DataParallel, which SparseMLM's
         # batch-wide masked positions do not survive; DDP (one process per GPU) is also the faster way
         raise ValueError(f"pretrain: one process sees {args.n_gpu} GPUs; set pretrain.launcher to 'torchrun "
@@ -417,7 +432,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
                 snapshots.save(model, curve.snapshot_steps()[0], 0)
         # another seed than the warm-up's: the same one would replay its blocks in the same order with the same masks
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                          callbacks=[EpochSetter(train_dataset), stopping, snapshots, *loggers])
+                          callbacks=[EpochSetter(train_dataset), stopping, snapshots, *loggers],
+                          optimizer_cls_and_kwargs=master_weights(args) if p.bf16_weights else None)
         steps = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
         # a run killed after its last step (or its stop) is done: training on would add a step the
         # uninterrupted run never took

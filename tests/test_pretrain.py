@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from stages import mlm, pretrain
@@ -193,14 +194,15 @@ def test_modernbert_head_is_found_and_sparse_loss_matches():
     assert torch.allclose(full, sparse, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,compiled", [("tiny_bert", False), ("tiny_roberta", True)])
-def test_stage_trains_and_reports(project, family, compiled, request):
+@pytest.mark.parametrize("family,compiled,bf16_weights", [("tiny_bert", False, False), ("tiny_roberta", True, False),
+                                                         ("tiny_roberta", False, True)])
+def test_stage_trains_and_reports(project, family, compiled, bf16_weights, request):
     prepare(Path("."), project, request.getfixturevalue(family))
     start = AutoModelForMaskedLM.from_pretrained(project.init_dir("domain"))
     # lr 5e-3 and all validation blocks: at 1e-3 on 4 blocks, six steps sometimes left a random 2-layer model's
     # domain loss where it started (the fixture's tokenizer, and so the model, differs from run to run)
     run(P.model_copy(update={"snapshots": [0, 50], "learning_rate": 5e-3, "max_eval_blocks": 32,
-                             "torch_compile": compiled}), project, "domain")
+                             "torch_compile": compiled, "bf16_weights": bf16_weights}), project, "domain")
     metrics = json.loads((project.metrics / "pretrain_domain.json").read_text())
     # the validation text is the training text: a working loop must beat its starting point
     assert metrics["best_step"] > 0 and metrics["domain_loss_best"] < metrics["domain_loss_start"], metrics
@@ -210,6 +212,9 @@ def test_stage_trains_and_reports(project, family, compiled, request):
     trained = AutoModelForMaskedLM.from_pretrained(project.model_dir("domain"))
     query = lambda m: m.base_model.encoder.layer[0].attention.self.query.weight  # noqa: E731
     assert not torch.equal(query(trained), query(start))
+    # saved as trained: the fp32 weights, not the bf16 ones a `bf16_weights` run computes with
+    assert {w.dtype for w in load_file(project.model_dir("domain") / "model.safetensors").values()} == {torch.float32}
+    assert not torch.equal(query(trained), query(trained).to(torch.bfloat16).float())
     # the adaptation curve's snapshots: before any DAPT step, and halfway, each with its compute
     index = json.loads((project.snapshot_dir("domain", 0).parent / "snapshots.json").read_text())
     assert [(k, v["step"], v["reached"]) for k, v in index.items()] == [("0", 0, True), ("50", 3, True)]
@@ -320,6 +325,48 @@ def test_checkpoints_hold_each_tied_tensor_once(tiny_roberta):
     assert torch.equal(fresh.mlm.lm_head.decoder.weight, model.mlm.lm_head.decoder.weight)
 
 
+def test_master_weights_train_in_fp32_what_the_model_holds_in_bf16():
+    """bf16 weights (`pretrain.bf16_weights`): AdamW steps on fp32 copies equal plain fp32 AdamW given the same
+    gradients; updates far below a bf16 weight's precision still add up; a checkpoint carries the copies."""
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        model.bias.fill_(1.0), reference.bias.fill_(1.0)  # bf16 steps by 2**-7 near 1: an lr 1e-4 update vanishes
+    opt = mlm.MasterWeightAdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01)
+    assert all(w.dtype == torch.bfloat16 for w in model.parameters())
+
+    def steps(n):
+        for _ in range(n):
+            model(torch.randn(16, 8, dtype=torch.bfloat16)).square().sum().backward()
+            for w, ref in zip(model.parameters(), reference.parameters()):
+                ref.grad = w.grad.float()
+            opt.step(), ref_opt.step()
+            opt.zero_grad(), ref_opt.zero_grad()
+
+    steps(60)
+    for w, master, ref in zip(model.parameters(), opt.masters, reference.parameters(), strict=True):
+        assert torch.equal(master, ref) and torch.equal(w, ref.to(torch.bfloat16)) and w.grad is None
+    assert (reference.bias - 1).abs().min() > 3e-3  # 60 updates of 1e-4 moved it, and the bf16 weights with it
+    with mlm.full_precision(opt):
+        assert torch.equal(model.bias, reference.bias) and model.bias.dtype == torch.float32
+    assert model.bias.dtype == torch.bfloat16
+
+    # resumed: a fresh model (its bf16 rounding, as a checkpoint holds it) and the optimiser's state
+    state = copy.deepcopy(opt.state_dict())
+    resumed = torch.nn.Linear(8, 4)
+    resumed.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    opt = mlm.MasterWeightAdamW(resumed.parameters(), lr=1e-4, weight_decay=0.01)
+    opt.load_state_dict(state)
+    model = resumed
+    steps(5)
+    for master, ref in zip(opt.masters, reference.parameters(), strict=True):
+        assert torch.equal(master, ref)
+    with mlm.full_precision(ref_opt):  # any other optimiser: nothing changes
+        assert reference.bias.dtype == torch.float32
+
+
 DRIVER = """
 import json, sys
 from stages.common import Paths
@@ -349,14 +396,17 @@ def stage_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def test_resumes_after_sigkill_and_ends_where_an_uninterrupted_run_ends(project, tiny_bert, tmp_path):
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_resumes_after_sigkill_and_ends_where_an_uninterrupted_run_ends(project, tiny_bert, tmp_path, bf16_weights):
+    p = LONG.model_copy(update={"bf16_weights": bf16_weights})
     prepare(tmp_path, project, tiny_bert)
-    run(LONG, project, "domain")
+    run(p, project, "domain")
     expected = json.loads((project.metrics / "pretrain_domain.json").read_text())
+    expected_model = AutoModelForMaskedLM.from_pretrained(project.model_dir("domain")).state_dict()
 
     killed = tmp_path / "killed"
     prepare(killed, project, tiny_bert)
-    cmd = stage_command(killed, project, LONG, [sys.executable])
+    cmd = stage_command(killed, project, p, [sys.executable])
     proc = subprocess.Popen(cmd, cwd=killed, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = killed / project.checkpoints / "domain" / "trainer"
     deadline = time.time() + 300
@@ -370,6 +420,10 @@ def test_resumes_after_sigkill_and_ends_where_an_uninterrupted_run_ends(project,
     assert resumed["steps"] == expected["steps"] and resumed["best_step"] == expected["best_step"]
     for key in ("domain_loss_end", "general_loss_end", "domain_loss_best"):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-3), key
+    resumed_model = AutoModelForMaskedLM.from_pretrained(killed / project.model_dir("domain")).state_dict()
+    # the same weights (bitwise here): a resumed bf16_weights run that lost its fp32 masters ends 6e-3 away,
+    # which the losses above do not show
+    torch.testing.assert_close(resumed_model, expected_model, rtol=0, atol=1e-5)
     assert not (killed / project.checkpoints / "domain" / "trainer").exists()  # finished: nothing left to resume
 
 
@@ -393,10 +447,12 @@ def test_a_run_killed_after_its_last_step_is_not_trained_further(project, tiny_b
     assert resumed["domain_loss_end"] == pytest.approx(expected["domain_loss_end"], abs=1e-6)
 
 
-def test_two_processes_with_torchrun(project, tiny_bert, tmp_path):
+@pytest.mark.parametrize("bf16_weights", [False, True])  # True: DDP reduces bf16 gradients
+def test_two_processes_with_torchrun(project, tiny_bert, tmp_path, bf16_weights):
     prepare(tmp_path, project, tiny_bert)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = subprocess.run(stage_command(tmp_path, project, P, launcher), cwd=tmp_path, env=stage_env(),
+    p = P.model_copy(update={"bf16_weights": bf16_weights})
+    out = subprocess.run(stage_command(tmp_path, project, p, launcher), cwd=tmp_path, env=stage_env(),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((project.metrics / "pretrain_domain.json").read_text())
