@@ -5,9 +5,9 @@ Training steps (forward, backward, AdamW), each timed in this one process on the
   only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
   autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer, the
   embeddings and the head with its loss compiled on their own (`stages.mlm.compile_regions`). On a GPU variants
-  of it are timed too: `ours_bf16` (weights and activations in bf16 without autocast, AdamW on fp32 master
-  copies of the weights, as Megatron-LM trains in bf16), `ours_layers` (only the encoder layers compiled,
-  `stages.mlm.compile_layers`),
+  of it are timed too: `ours_bf16` (`pretrain.bf16_weights`: weights and activations in bf16 without autocast,
+  AdamW on fp32 master copies of the weights, `stages.mlm.MasterWeightAdamW`), `ours_layers` (only the encoder
+  layers compiled, `stages.mlm.compile_layers`),
   `ours_eager` (not compiled) and `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
@@ -47,7 +47,7 @@ import yaml  # noqa: E402
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
     DataCollatorForLanguageModeling  # noqa: E402
 
-from stages.mlm import MaskingCollator, SparseMLM, compile_layers, compile_regions, pack  # noqa: E402
+from stages.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions, pack  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -94,19 +94,14 @@ def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device
               compile_mode: str | None = None, bf16_weights: bool = False):
     """One training step; `compiled`: None, "regions" (`compile_regions`), "layers" (`compile_layers`) or
     "whole". `bf16_weights`: the model's weights and activations in bf16 (no autocast), AdamW on fp32 master
-    copies of the weights, as Megatron-LM's bf16 training does."""
+    copies of the weights (`MasterWeightAdamW`, as `pretrain.bf16_weights` trains)."""
     module = SparseMLM(model) if sparse else model
-    if bf16_weights:
-        master = [p.detach().clone().float() for p in model.parameters()]
-        for m in master:
-            m.grad = torch.zeros_like(m)
-        model.to(torch.bfloat16)
-    params = list(model.parameters())
     if compiled == "regions":
         compile_regions(module, mode=compile_mode)
     elif compiled == "layers":
         compile_layers(model, mode=compile_mode)
-    opt = torch.optim.AdamW(master if bf16_weights else params, lr=1e-4, fused=cuda if sparse else False)
+    optimizer = MasterWeightAdamW if bf16_weights else torch.optim.AdamW  # the former makes the weights bf16
+    opt = optimizer(model.parameters(), lr=1e-4, fused=cuda if sparse else False)
     forward = torch.compile(module, mode=compile_mode) if compiled == "whole" else module
 
     def step(batch: dict) -> None:
@@ -115,15 +110,8 @@ def make_step(model: torch.nn.Module, sparse: bool, compiled: str | None, device
             out = forward(**batch)
         loss = out["loss"] if sparse else out.loss
         loss.backward()
-        if bf16_weights:
-            with torch.no_grad():
-                torch._foreach_copy_([m.grad for m in master], [p.grad for p in params])
-                opt.step()
-                torch._foreach_copy_(params, master)
-            model.zero_grad(set_to_none=True)
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return loss.detach().clone()  # CUDA-graph modes overwrite a step's outputs at the next replay
 
     return step
