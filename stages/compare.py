@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from pathlib import Path
 
 import mlflow
 import numpy as np
