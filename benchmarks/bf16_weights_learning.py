@@ -33,8 +33,8 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 
 from mlm_throughput import ROOT, build_model  # this folder: the benchmark's model and the project root on sys.path
 
-from stages.mlm import Blocks, EpochSetter, MaskingCollator, MasterWeightAdamW, SparseMLM, compile_regions, \
-    evaluate, fixed_eval_batches, full_precision, pack  # noqa: E402
+from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, \
+    fixed_eval_batches, full_precision, master_weights, pack  # noqa: E402
 
 
 class Scores(TrainerCallback):
@@ -50,13 +50,13 @@ class Scores(TrainerCallback):
         return control
 
 
-def train(args, tok, blocks: torch.Tensor, eval_batches: list[dict], bf16_weights: bool, out: Path) -> dict:
+def train(args, p: dict, tok, blocks: torch.Tensor, eval_batches: list[dict], bf16_weights: bool, out: Path) -> dict:
+    """One run; `p`: params.yaml's `pretrain` section."""
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)  # the same initial weights for both runs
     model = SparseMLM(build_model(args.model, cuda, len(tok), 64).to("cuda" if cuda else "cpu"))
     if cuda:  # as `pretrain.torch_compile: true`
         compile_regions(model)
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"]
     targs = TrainingArguments(  # `stages.pretrain.training_args`' settings for the DAPT phase
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
         learning_rate=args.lr or p["learning_rate"], weight_decay=p["weight_decay"],
@@ -67,10 +67,9 @@ def train(args, tok, blocks: torch.Tensor, eval_batches: list[dict], bf16_weight
     scores = Scores(eval_batches, args.eval_every)
     scores.losses.append(round(evaluate(model, eval_batches)["loss"], 4))
     dataset = Blocks(blocks, seed=1)
-    optimizer = (MasterWeightAdamW, Trainer.get_optimizer_cls_and_kwargs(targs)[1]) if bf16_weights else None
     trainer = Trainer(model=model, args=targs, train_dataset=dataset,
                       data_collator=MaskingCollator(tok, 0.15, 0.8, 0.1), callbacks=[EpochSetter(dataset), scores],
-                      optimizer_cls_and_kwargs=optimizer)
+                      optimizer_cls_and_kwargs=master_weights(targs) if bf16_weights else None)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start  # compiling and the evaluations included: a rough rate
@@ -78,7 +77,7 @@ def train(args, tok, blocks: torch.Tensor, eval_batches: list[dict], bf16_weight
     name = "bf16_weights" if bf16_weights else "autocast"
     print(f"{name:>13}: validation loss {' '.join(f'{x:.3f}' for x in scores.losses)} ({seconds:.0f} s, weights "
           f"{', '.join(str(d) for d in weights)})", flush=True)
-    return {"losses": scores.losses, "seconds": seconds, "train_loss": trainer.state.log_history[-1].get("train_loss")}
+    return {"losses": scores.losses, "seconds": seconds}
 
 
 def main() -> None:
@@ -94,7 +93,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model or ROOT / "models" / "general")
-    train_file = ROOT / yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]["domain_train"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    train_file = ROOT / params["paths"]["domain_train"]
     if not train_file.exists():
         sys.exit(f"{train_file}: missing; run `dvc repro clean` first")
     texts = [json.loads(line)["text"] for line in train_file.open(encoding="utf-8")]
@@ -105,7 +105,8 @@ def main() -> None:
           f"{args.batch} x 128 (about {args.steps * args.batch / len(blocks):.1f} epochs)", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: train(args, tok, blocks, eval_batches, name == "bf16_weights", Path(tmp) / name)
+        runs = {name: train(args, params["pretrain"], tok, blocks, eval_batches, name == "bf16_weights",
+                           Path(tmp) / name)
                 for name in ("autocast", "bf16_weights")}
     a, b = runs["autocast"]["losses"], runs["bf16_weights"]["losses"]
     rel = [abs(x - y) / x for x, y in zip(a[1:], b[1:])]

@@ -47,7 +47,8 @@ import yaml  # noqa: E402
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
     DataCollatorForLanguageModeling  # noqa: E402
 
-from stages.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions, pack  # noqa: E402
+from stages.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions, \
+    pack  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 # ---------------------------------------------------------------------------------------------------
 # data: documents packed into full blocks
@@ -297,6 +297,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for p, m, saved in zip(self.model_params, self.masters, masters, strict=True):
                 m.copy_(saved)
                 p.copy_(m)
+
+
+def master_weights(args: TrainingArguments) -> tuple[type, dict]:
+    """For `Trainer(optimizer_cls_and_kwargs=...)`: the AdamW the Trainer would make from `args` (fused on a GPU),
+    on fp32 master copies of bf16 weights (`MasterWeightAdamW`, made when training starts: an evaluation before it
+    sees fp32 weights)."""
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is torch.optim.AdamW, cls  # what `optim="adamw_torch"` and `"adamw_torch_fused"` give
+    return MasterWeightAdamW, kwargs
 
 
 @contextlib.contextmanager

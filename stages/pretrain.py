@@ -60,8 +60,8 @@ from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_logging, write_json, write_text
 from stages import mlm
-from stages.mlm import Blocks, EpochSetter, MaskingCollator, MasterWeightAdamW, SparseMLM, compile_regions, evaluate, \
-    fixed_eval_batches, full_precision, own_head_parameters, pack
+from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
+    full_precision, master_weights, own_head_parameters, pack
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 
@@ -302,14 +302,6 @@ def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: f
         logging_nan_inf_filter=False,  # its check reads every step's loss on the host: a GPU sync per step
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
     )
-
-
-def master_weights(args: TrainingArguments) -> tuple[type, dict]:
-    """`pretrain.bf16_weights`: the AdamW the Trainer would make from `args` (fused on a GPU), on fp32 master
-    copies of bf16 weights (`MasterWeightAdamW`, made when training starts: the evaluation before it sees fp32)."""
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-    assert cls is torch.optim.AdamW, cls  # what training_args' optim gives
-    return MasterWeightAdamW, kwargs
 
 
 def curve_csv(history: list[dict]) -> str:
