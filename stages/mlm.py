@@ -268,8 +268,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pairs = [(p, m) for p, m in zip(self.model_params, self.masters) if p.grad is not None]
-        for p, m in zip(self.model_params, self.masters):
+        pairs = [(p, m) for p, m in zip(self.model_params, self.masters, strict=True) if p.grad is not None]
+        for p, m in zip(self.model_params, self.masters, strict=True):
             if p.grad is None:  # AdamW leaves a weight without a gradient alone
                 m.grad = None
             elif m.grad is None:
@@ -317,12 +317,12 @@ def full_precision(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
         yield
         return
     low = [p.data for p in optimizer.model_params]
-    for p, m in zip(optimizer.model_params, optimizer.masters):
+    for p, m in zip(optimizer.model_params, optimizer.masters, strict=True):
         p.data = m
     try:
         yield
     finally:
-        for p, data in zip(optimizer.model_params, low):
+        for p, data in zip(optimizer.model_params, low, strict=True):
             p.data = data
 
 

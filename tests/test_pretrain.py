@@ -195,7 +195,7 @@ def test_modernbert_head_is_found_and_sparse_loss_matches():
 
 
 @pytest.mark.parametrize("family,compiled,bf16_weights", [("tiny_bert", False, False), ("tiny_roberta", True, False),
-                                                         ("tiny_roberta", False, True)])
+                                                         ("tiny_roberta", True, True)])
 def test_stage_trains_and_reports(project, family, compiled, bf16_weights, request):
     prepare(Path("."), project, request.getfixturevalue(family))
     start = AutoModelForMaskedLM.from_pretrained(project.init_dir("domain"))
