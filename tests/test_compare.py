@@ -92,7 +92,6 @@ def test_paired_bootstrap_separates_signal_from_noise():
 # ---------------------------------------------------------------------------------------------------
 # the stage, on fabricated fine-tuning, pretraining and tokenizer results
 
-import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402

@@ -149,7 +149,7 @@ def test_decontamination_reasons():
 
 
 def test_word_hashes_split_words_as_python_regex_does():
-    """Decontamination's words are `re.findall(r"\w+", text.lower())`: same split, equal hashes for equal words."""
+    r"""Decontamination's words are `re.findall(r"\w+", text.lower())`: same split, equal hashes for equal words."""
     import re
 
     texts = ["Else, ELSE else_2 l'élan İstanbul naïve cafe\u0301 x²³ ٣٤ 漢字かな 👍🏽 a\tb\nc",
