@@ -26,15 +26,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
-from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainerCallback
 
 from mlm_throughput import ROOT, build_model  # this folder: the benchmark's model and the project root on sys.path
 
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, \
-    fixed_eval_batches, full_precision, master_weights, pack  # noqa: E402
+    fixed_eval_batches, full_precision, master_weights, pack, training_args  # noqa: E402
 
 
 class Scores(TrainerCallback):
@@ -57,13 +58,9 @@ def train(args, p: dict, tok, blocks: torch.Tensor, eval_batches: list[dict], bf
     model = SparseMLM(build_model(args.model, cuda, len(tok), 64).to("cuda" if cuda else "cpu"))
     if cuda:  # as `pretrain.torch_compile: true`
         compile_regions(model)
-    targs = TrainingArguments(  # `stages.pretrain.training_args`' settings for the DAPT phase
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=args.lr or p["learning_rate"], weight_decay=p["weight_decay"],
-        warmup_steps=int(p["warmup_ratio"] * args.steps), lr_scheduler_type="linear", logging_steps=10,
-        report_to="none", seed=1, save_strategy="no", bf16=cuda and not bf16_weights, tf32=cuda or None,
-        use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_drop_last=True,
-        dataloader_pin_memory=cuda, remove_unused_columns=False, disable_tqdm=True, logging_nan_inf_filter=False)
+    pretrain = SimpleNamespace(**{**p, "batch_size": args.batch})  # the DAPT phase's settings, this batch size
+    targs = training_args(pretrain, out, args.lr or p["learning_rate"], args.steps, p["warmup_ratio"], seed=1,
+                          save=False, autocast=not bf16_weights)
     scores = Scores(eval_batches, args.eval_every)
     scores.losses.append(round(evaluate(model, eval_batches)["loss"], 4))
     dataset = Blocks(blocks, seed=1)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+if TYPE_CHECKING:  # only a type: this module imports no more than torch and transformers
+    from stages.pretrain import PretrainParams
 
 # ---------------------------------------------------------------------------------------------------
 # data: documents packed into full blocks
@@ -306,6 +311,27 @@ def master_weights(args: TrainingArguments) -> tuple[type, dict]:
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert cls is torch.optim.AdamW, cls  # what `optim="adamw_torch"` and `"adamw_torch_fused"` give
     return MasterWeightAdamW, kwargs
+
+
+def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float, seed: int,
+                  save: bool, autocast: bool = True) -> TrainingArguments:
+    """`stages.pretrain`'s Trainer settings, shared by its two phases and by `benchmarks/bf16_weights_learning.py`;
+    bf16 autocast (unless the weights are bf16 themselves), fused AdamW and pinned memory where there is a GPU."""
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=p.batch_size, learning_rate=lr,
+        weight_decay=p.weight_decay, warmup_steps=int(warmup * steps), lr_scheduler_type="linear",
+        logging_steps=10, eval_strategy="no", report_to="none", seed=seed,
+        save_strategy="steps" if save else "no", save_steps=p.save_steps,
+        save_total_limit=2,  # the Trainer drops the older one before `on_save` completes the newer
+        bf16=autocast and cuda and torch.cuda.is_bf16_supported(), tf32=cuda or None,
+        use_cpu=not cuda,  # also what makes several CPU processes (gloo) one distributed run
+        optim="adamw_torch_fused" if cuda else "adamw_torch",  # torch_compile: compile_regions, in main
+        dataloader_drop_last=True, dataloader_pin_memory=cuda, dataloader_num_workers=p.dataloader_workers,
+        remove_unused_columns=False, disable_tqdm=False,
+        logging_nan_inf_filter=False,  # its check reads every step's loss on the host: a GPU sync per step
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
+    )
 
 
 @contextlib.contextmanager

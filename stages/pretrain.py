@@ -53,15 +53,14 @@ import mlflow
 import torch
 from accelerate import PartialState
 from pydantic import Field, model_validator
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, \
-    TrainingArguments, set_seed
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_logging, write_json, write_text
 from stages import mlm
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
-    full_precision, master_weights, own_head_parameters, pack
+    full_precision, master_weights, own_head_parameters, pack, training_args
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 
@@ -281,27 +280,6 @@ class Snapshots(TrainerCallback):
                 with atomic_path(self.root / str(pct)) as tmp:
                     shutil.copytree(final, tmp)
                     write_json(tmp / "snapshot.json", {"percent": pct, "reached": False, **self.compute(final_step)})
-
-
-def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float, seed: int,
-                  save: bool, autocast: bool = True) -> TrainingArguments:
-    """Trainer settings shared by both phases; bf16 autocast (unless the weights are bf16 themselves), fused AdamW
-    and pinned memory where there is a GPU."""
-    cuda = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=p.batch_size, learning_rate=lr,
-        weight_decay=p.weight_decay, warmup_steps=int(warmup * steps), lr_scheduler_type="linear",
-        logging_steps=10, eval_strategy="no", report_to="none", seed=seed,
-        save_strategy="steps" if save else "no", save_steps=p.save_steps,
-        save_total_limit=2,  # the Trainer drops the older one before `on_save` completes the newer
-        bf16=autocast and cuda and torch.cuda.is_bf16_supported(), tf32=cuda or None,
-        use_cpu=not cuda,  # also what makes several CPU processes (gloo) one distributed run
-        optim="adamw_torch_fused" if cuda else "adamw_torch",  # torch_compile: compile_regions, in main
-        dataloader_drop_last=True, dataloader_pin_memory=cuda, dataloader_num_workers=p.dataloader_workers,
-        remove_unused_columns=False, disable_tqdm=False,
-        logging_nan_inf_filter=False,  # its check reads every step's loss on the host: a GPU sync per step
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
-    )
 
 
 def curve_csv(history: list[dict]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM, AutoTokenizer, TrainingArguments
 
 from stages import mlm, pretrain
 from stages.mlm import compile_regions, encoder_layers, mlm_head
@@ -140,7 +140,7 @@ def test_compiled_regions_stay_within_the_compilers_limit():
 
 
 def test_several_gpus_in_one_process_are_refused(monkeypatch, project):
-    monkeypatch.setattr(pretrain.TrainingArguments, "n_gpu", property(lambda self: 2))
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
     with pytest.raises(ValueError, match="one process sees 2 GPUs.*torchrun --nproc_per_node 2"):
         run(P, project, "domain")
 
