@@ -1,7 +1,7 @@
 """adapt_tokenizer: extend the base tokenizer with domain vocabulary and initialise the new embeddings.
 
 1. Train a tokenizer of the base model's family on the clean domain training text (`tokenizers`, via
-   `train_new_from_iterator`) and segment every domain word with it.
+   `train_new_from_iterator`, streamed from its Parquet shards) and segment every domain word with it.
 2. Its pieces that the base vocabulary lacks are the candidates, ranked by the tokens they save on the domain
    corpus (frequency x (base pieces - 1)); the best `max_new_tokens` seen at least `min_frequency` times stay.
 3. Extend the tokenizer *model*, not `add_tokens` (whose added tokens match inside other words and ignore
@@ -22,10 +22,11 @@ Run: `dvc repro adapt_tokenizer` (or `python -m stages.adapt_tokenizer`).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +37,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from stages import tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_logging, write_json, write_text
+from stages.common import Paths, Section, atomic_path, iter_texts, load_params, load_paths, log, read_jsonl, \
+    setup_logging, text_shards, write_json, write_text
 
 
 class AdaptTokenizerParams(Section):
@@ -102,11 +103,12 @@ def base_pieces(tok: PreTrainedTokenizerBase) -> Pieces:
 # candidates
 
 
-def word_counts(tok: PreTrainedTokenizerBase, texts: Sequence[str]) -> Counter:
+def word_counts(tok: PreTrainedTokenizerBase, texts: Iterable[str]) -> Counter:
     """Words as the tokenizer itself sees them (after its normaliser and pre-tokenizer: "Ġword" in byte-level BPE)."""
     backend = tok.backend_tokenizer
     counts: Counter = Counter()
-    for text in tqdm(texts, desc="counting words", unit="doc", mininterval=2, disable=len(texts) < 1000):
+    # a stream has no length: the bar shows only when counting takes a while
+    for text in tqdm(texts, desc="counting words", unit="doc", mininterval=2, delay=5):
         norm = backend.normalizer.normalize_str(text) if backend.normalizer else text
         counts.update(w for w, _ in backend.pre_tokenizer.pre_tokenize_str(norm))
     return counts
@@ -266,8 +268,8 @@ def resize_and_init(model: torch.nn.Module, tok: PreTrainedTokenizerBase, added:
 def run(p: AdaptTokenizerParams, paths: Paths) -> None:
     """Build the adapted tokenizer and the resized model, and the no-new-vocabulary ablation; report fertility."""
     with tracking.stage_run("adapt_tokenizer", p):
-        # data
-        train_texts = [d["text"] for d in read_jsonl(paths.domain_train)]
+        # data: the training text streams from its shards, twice (tokenizer training, word counts)
+        text_shards(paths.domain_train)  # a missing or empty folder fails here, before any model loads
         domain_valid = [d["text"] for d in read_jsonl(paths.domain_valid)]
         general_valid = [d["text"] for d in read_jsonl(paths.general_valid)]
 
@@ -277,8 +279,9 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
         tok, added = base, []
         if p.max_new_tokens > 0:
             family(base)  # fails early, with what to do, on a family we cannot extend
-            domain = base.train_new_from_iterator(train_texts, vocab_size=p.domain_vocab_size)
-            found = candidate_counts(domain, base, word_counts(base, train_texts))
+            domain = base.train_new_from_iterator(iter_texts(paths.domain_train), vocab_size=p.domain_vocab_size)
+            found = candidate_counts(domain, base, word_counts(base, itertools.chain.from_iterable(
+                iter_texts(paths.domain_train))))
             new = rank_candidates(found, base_pieces(base), p.min_frequency, p.max_new_tokens)
             tok, added = extend(base, [r["token"] for r in new])
 

@@ -9,6 +9,10 @@ way FineWeb was built:
 3. near:    MinHash LSH over word n-grams (bands x rows in params) -> clusters -> keep one per cluster
 4. merge:   survivors in input order -> train/validation split by a hash of the text -> outputs
 
+The training text (domain, and general for replay) is written as a folder of zstd Parquet shards,
+`part-00000.parquet`, ... of `shard_docs` documents each, with columns `id` and `text`: what 🤗 `datasets`
+reads in parallel (`stages.common.iter_texts` streams it too). The validation sets stay small JSONL files.
+
 Every drop has a named reason: per-reason counts go to `metrics/clean.json` and MLflow, and the first
 `dropped_samples` documents of each reason to `reports/clean/dropped_<step>_<reason>.jsonl`. `reports/clean/
 report.md` shows the counts, near-duplicate pairs and the task's own train/test overlap.
@@ -35,8 +39,8 @@ import mlflow
 from pydantic import Field, model_validator
 
 from stages import tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
-    write_json
+from stages.common import Paths, Section, TextShardWriter, atomic_path, load_params, load_paths, log, read_jsonl, \
+    setup_logging, write_json
 from stages.filters import Decontaminate, build_steps, check_steps, fingerprint, named, plain_row
 
 
@@ -63,6 +67,7 @@ class CleanParams(Section):
     valid_fraction: float = Field(gt=0, lt=0.5)
     max_valid_docs: int = Field(ge=1)
     general_max_docs: int = Field(ge=1)
+    shard_docs: int = Field(default=100_000, ge=1)
     dropped_samples: int = Field(default=20, ge=0)
     executor: ExecutorParams = ExecutorParams()
     work_dir: str | None = None
@@ -247,7 +252,8 @@ def is_validation(fp: str, fraction: float) -> bool:
 
 def write_split(survivors: Path, p: CleanParams, train_path: Path, valid_path: Path) -> dict[str, int]:
     """Two streaming passes: choose the validation fingerprints (the `max_valid_docs` lowest hashes under
-    `valid_fraction`, so the choice is stable), then write every survivor to train or validation."""
+    `valid_fraction`, so the choice is stable), then write every survivor to train (Parquet shards) or
+    validation (JSONL)."""
     candidates: list[str] = []  # a max-heap of the smallest hashes, as negated ints
     for doc in iter_rank_files(survivors):
         fp = fingerprint(doc["text"])
@@ -260,20 +266,23 @@ def write_split(survivors: Path, p: CleanParams, train_path: Path, valid_path: P
     chosen = {-c for c in candidates}
     counts = Counter()
     with atomic_path(train_path) as tmp_train, atomic_path(valid_path) as tmp_valid, \
-            tmp_train.open("w", encoding="utf-8") as train, tmp_valid.open("w", encoding="utf-8") as valid:
+            TextShardWriter(tmp_train, p.shard_docs) as train, tmp_valid.open("w", encoding="utf-8") as valid:
         for doc in iter_rank_files(survivors):
             is_valid = int(fingerprint(doc["text"]), 16) in chosen
-            (valid if is_valid else train).write(json.dumps({"id": doc["id"], "text": doc["text"]},
-                                                            ensure_ascii=False) + "\n")
-            counts["domain_valid_docs" if is_valid else "domain_train_docs"] += 1
-            if not is_valid:
+            if is_valid:
+                valid.write(json.dumps({"id": doc["id"], "text": doc["text"]}, ensure_ascii=False) + "\n")
+                counts["domain_valid_docs"] += 1
+            else:
+                train.write(doc["id"], doc["text"])
+                counts["domain_train_docs"] += 1
                 counts["domain_train_words"] += len(doc["text"].split())
     return dict(counts)
 
 
-def pick_general(survivors: Path, n: int, path: Path, rest: Path) -> tuple[int, int]:
+def pick_general(survivors: Path, n: int, path: Path, rest: Path, shard_docs: int) -> tuple[int, int]:
     """The `n` general texts with the lowest hashes (distinct texts), a stable sample of any size corpus, to
-    `path` (validation); the other distinct texts to `rest` (replay during pretraining). Returns both counts."""
+    `path` (validation, JSONL); the other distinct texts to `rest` (replay during pretraining, Parquet shards of
+    `shard_docs`). Returns both counts."""
     seen: set[str] = set()
     best: list[tuple[int, str, str]] = []  # a max-heap of the lowest hashes, as negated ints
     for doc in iter_rank_files(survivors):
@@ -291,12 +300,12 @@ def pick_general(survivors: Path, n: int, path: Path, rest: Path) -> tuple[int, 
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     chosen, written = {fingerprint(r["text"]) for r in rows}, 0
-    with atomic_path(rest) as tmp, tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(rest) as tmp, TextShardWriter(tmp, shard_docs) as f:
         for doc in iter_rank_files(survivors):
             fp = fingerprint(doc["text"])
             if fp not in chosen:
                 chosen.add(fp)  # and each text once
-                f.write(json.dumps({"id": doc["id"], "text": doc["text"]}, ensure_ascii=False) + "\n")
+                f.write(doc["id"], doc["text"])
                 written += 1
     return len(rows), written
 
@@ -427,7 +436,7 @@ def run(p: CleanParams, paths: Paths) -> None:
                                      f"reason: {dropped}. Loosen the thresholds in params.yaml clean.steps")
             metrics.update(write_split(domain_out, p, paths.domain_train, paths.domain_valid))
             metrics["general_valid_docs"], metrics["general_train_docs"] = pick_general(
-                general_out, p.general_max_docs, paths.general_valid, paths.general_train)
+                general_out, p.general_max_docs, paths.general_valid, paths.general_train, p.shard_docs)
             for key in ("domain_train_docs", "domain_valid_docs"):
                 if not metrics.get(key):
                     raise ValueError(f"clean: {key} is 0; the domain corpus is too small after cleaning "

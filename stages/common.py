@@ -1,4 +1,4 @@
-"""Shared plumbing for every stage: validated params, declared paths, atomic writes, JSONL I/O.
+"""Shared plumbing for every stage: validated params, declared paths, atomic writes, JSONL and Parquet text I/O.
 
 Nothing here knows about a particular stage; a stage module declares its own params model and calls
 `load_params("<stage>", Model)`.
@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -157,18 +159,21 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by a previous stage; a bad line is reported as file:line."""
-    out = []
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream a JSONL file written by a previous stage; a bad line is reported as file:line."""
     with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
-    return out
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file written by a previous stage; a bad line is reported as file:line."""
+    return list(iter_jsonl(path))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -181,3 +186,118 @@ def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (reports)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# training text: a folder of Parquet shards (what `datasets` reads in parallel) or, for small sets, a JSONL file
+
+TEXT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
+# rows per row group: the unit a reader holds in memory (a few MB of typical documents, 1 GB at worst with
+# clean's 1M-character cap); 1,000 is what datatrove's and datasets' Parquet writers use
+ROW_GROUP_DOCS = 1000
+
+
+class TextShardWriter:
+    """Streams {"id", "text"} rows to `<folder>/part-00000.parquet`, `part-00001.parquet`, ...: a new shard
+    every `shard_docs` rows, zstd-compressed, written a row group at a time, so no corpus is ever held in memory.
+
+    Always leaves at least one shard, empty if need be, so that an empty split is still a readable dataset.
+    Write into a folder from `atomic_path`: a half-written folder is then never seen.
+    """
+
+    def __init__(self, folder: Path, shard_docs: int):
+        if shard_docs < 1:
+            raise ValueError(f"shard_docs must be >= 1, got {shard_docs}")
+        self.folder, self.shard_docs = Path(folder), shard_docs
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows = 0  # written so far, the buffer included
+        self._shards = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+
+    def write(self, doc_id: str, text: str) -> None:
+        if self.rows % self.shard_docs == 0:
+            self._next_shard()
+        self._ids.append(doc_id)
+        self._texts.append(text)
+        self.rows += 1
+        if len(self._ids) >= ROW_GROUP_DOCS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._ids:
+            assert self._writer is not None
+            self._writer.write_table(pa.table([self._ids, self._texts], schema=TEXT_SCHEMA))
+            self._ids, self._texts = [], []
+
+    def _next_shard(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = pq.ParquetWriter(self.folder / f"part-{self._shards:05d}.parquet", TEXT_SCHEMA,
+                                        compression="zstd")
+        self._shards += 1
+
+    def close(self) -> None:
+        """Writes what is buffered and closes the last shard (the first one, empty, if nothing was written)."""
+        if self._writer is None:
+            self._next_shard()
+        self._flush()
+        self._writer.close()
+
+    def __enter__(self) -> TextShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.close()  # the folder is thrown away: release the file, write nothing more
+
+
+def write_text_shards(path: Path, rows: Iterable[dict[str, Any]], shard_docs: int) -> int:
+    """Write {"id", "text"} rows atomically as a folder of Parquet shards; returns how many were written."""
+    with atomic_path(path) as tmp, TextShardWriter(tmp, shard_docs) as writer:
+        for row in rows:
+            writer.write(row["id"], row["text"])
+    return writer.rows
+
+
+def text_shards(path: Path) -> list[Path]:
+    """The files holding a text corpus: a folder's `*.parquet` shards in name order, or a file itself."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{path}: a folder with no *.parquet shards")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found")
+    return [path]
+
+
+def iter_texts(path: Path, batch_size: int = ROW_GROUP_DOCS) -> Iterator[list[str]]:
+    """The `text` of every document of a corpus (`text_shards`: Parquet shards or a JSONL file), in order, in
+    lists of at most `batch_size`: a reader never holds more than one batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for shard in text_shards(path):
+        if shard.suffix == ".parquet":
+            file = pq.ParquetFile(shard)
+            if "text" not in file.schema_arrow.names:
+                raise ValueError(f"{shard}: no 'text' column (columns: {', '.join(file.schema_arrow.names)})")
+            for record_batch in file.iter_batches(batch_size=batch_size, columns=["text"]):
+                if record_batch.num_rows:
+                    yield record_batch.column("text").to_pylist()
+            continue
+        batch: list[str] = []
+        for lineno, row in enumerate(iter_jsonl(shard), 1):
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{shard}: document {lineno} has no 'text' string")
+            batch.append(row["text"])
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
 
-from stages.common import Paths
+from stages.common import Paths, write_text_shards
 
 CORPUS = [
     "The licensor grants the licensee a perpetual licence to redistribute the software.",
@@ -95,6 +95,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def write_parquet_shards(path: Path, rows: list[dict], shard_docs: int = 1000) -> None:
+    """Training text as clean hands it on: a folder of Parquet shards of {"id", "text"} rows."""
+    write_text_shards(path, rows, shard_docs)
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Paths:
     """A scratch project directory as cwd, with its own MLflow store; returns its `Paths`."""
@@ -102,8 +107,8 @@ def project(tmp_path, monkeypatch) -> Paths:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DAPT_MLFLOW_PARENT_RUN_ID", raising=False)
     return Paths(raw_domain=Path("data/raw/domain"), raw_general=Path("data/raw/general.jsonl"),
-                 task=Path("data/task"), domain_train=Path("data/clean/domain_train.jsonl"),
+                 task=Path("data/task"), domain_train=Path("data/clean/domain_train"),
                  domain_valid=Path("data/clean/domain_valid.jsonl"), general_valid=Path("data/clean/general_valid.jsonl"),
-                 general_train=Path("data/clean/general_train.jsonl"), checkpoints=Path("checkpoints"),
+                 general_train=Path("data/clean/general_train"), checkpoints=Path("checkpoints"),
                  models=Path("models"), finetune=Path("results/finetune"), reports=Path("reports"),
                  metrics=Path("metrics"))

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertFo
 
 from stages.adapt_tokenizer import AdaptTokenizerParams, base_pieces, candidate_counts, extend, family, fertility, \
     rank_candidates, resize_and_init, run, word_counts
-from tests.conftest import CORPUS, TINY, bpe_tokenizer, modernbert_tokenizer, wordpiece_tokenizer, write_jsonl
+from tests.conftest import CORPUS, TINY, bpe_tokenizer, modernbert_tokenizer, wordpiece_tokenizer, write_jsonl, \
+    write_parquet_shards
 
 PLAIN = "The cat sat on the mat and the dog slept by the fire."  # only corpus words: no new token may touch it
 
@@ -166,12 +168,16 @@ def test_unsupported_family_fails_with_what_to_do():
 # the stage, on each family
 
 
+DOMAIN = CORPUS + ["The licensee shall indemnify and hold harmless the licensor.",
+                   "Indemnification obligations survive; the sublicensable rights are irrevocable."] * 10
+TRAIN_ROWS = [{"id": str(i), "text": t} for i, t in enumerate(DOMAIN * 3)]
+
+
 def stage_inputs(project, base_dir) -> None:
     shutil.copytree(base_dir, project.base_model)
-    domain = CORPUS + ["The licensee shall indemnify and hold harmless the licensor.",
-                       "Indemnification obligations survive; the sublicensable rights are irrevocable."] * 10
-    for path, texts in ((project.domain_train, domain * 3), (project.domain_valid, domain),
-                        (project.general_valid, CORPUS)):
+    # training text in shards as clean writes them, several, so the stage reads across shard boundaries
+    write_parquet_shards(project.domain_train, TRAIN_ROWS, shard_docs=25)
+    for path, texts in ((project.domain_valid, DOMAIN), (project.general_valid, CORPUS)):
         write_jsonl(path, [{"id": str(i), "text": t} for i, t in enumerate(texts)])
 
 
@@ -218,3 +224,27 @@ def test_stage_without_new_tokens_keeps_the_base_tokenizer(project, tiny_roberta
     assert AutoTokenizer.from_pretrained(project.init_dir("domain"))(CORPUS[0])["input_ids"] == \
         AutoTokenizer.from_pretrained(tiny_roberta)(CORPUS[0])["input_ids"]
     assert json.loads((project.metrics / "adapt_tokenizer.json").read_text())["new_tokens"] == 0
+
+
+def stage_outputs(project) -> list[bytes]:
+    return [(project.reports / "new_tokens.tsv").read_bytes(),
+            *((project.init_dir("domain") / f).read_bytes() for f in ("tokenizer.json", "model.safetensors"))]
+
+
+def test_stage_reads_shards_and_a_jsonl_file_alike(project, tiny_roberta):
+    stage_inputs(project, tiny_roberta)
+    params = AdaptTokenizerParams(max_new_tokens=5, min_frequency=2, domain_vocab_size=600)
+    run(params, project)
+    sharded = stage_outputs(project)
+    write_jsonl(Path("train.jsonl"), TRAIN_ROWS)
+    run(params, project.model_copy(update={"domain_train": Path("train.jsonl")}))
+    assert stage_outputs(project) == sharded and sharded[0].count(b"\n") == 6
+
+
+def test_stage_without_training_shards_names_the_folder(project, tiny_roberta):
+    stage_inputs(project, tiny_roberta)
+    for shard in project.domain_train.iterdir():
+        shard.unlink()
+    with pytest.raises(FileNotFoundError, match="data/clean/domain_train: a folder with no \\*.parquet shards"):
+        run(AdaptTokenizerParams(max_new_tokens=5, min_frequency=2, domain_vocab_size=600), project)
+    assert not project.init_dir("domain").exists()

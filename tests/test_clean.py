@@ -4,10 +4,12 @@ across task counts and engines, and the errors a user meets."""
 import json
 import random
 
+import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
 from stages.clean import CleanParams, is_validation, run
+from stages.common import iter_texts, text_shards
 from stages.filters import fingerprint
 from tests.conftest import write_jsonl
 
@@ -51,7 +53,14 @@ def make_project(project, extra_domain=()) -> None:
 
 
 def outputs(project) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in (project.domain_train, project.domain_valid, project.general_valid)}
+    files = [*text_shards(project.domain_train), project.domain_valid, project.general_valid,
+             *text_shards(project.general_train)]
+    return {str(p): p.read_bytes() for p in files}
+
+
+def rows(path) -> list[dict]:
+    """{"id", "text"} rows of a folder of Parquet shards, in order."""
+    return [row for shard in text_shards(path) for row in pq.read_table(shard).to_pylist()]
 
 
 def test_stage_counts_reasons_removes_duplicates_and_leaks(project):
@@ -69,10 +78,11 @@ def test_stage_counts_reasons_removes_duplicates_and_leaks(project):
     assert d["kept"] == 60 == metrics["domain_train_docs"] + metrics["domain_valid_docs"]
     assert metrics["general_valid_docs"] == 10
     valid = {json.loads(x)["text"] for x in project.general_valid.read_text().splitlines()}
-    rest = [json.loads(x)["text"] for x in project.general_train.read_text().splitlines()]
+    rest = [t for batch in iter_texts(project.general_train) for t in batch]
     assert metrics["general_train_docs"] == len(rest) == len(set(rest)) > 0 and not valid & set(rest)
-    train = project.domain_train.read_text() + project.domain_valid.read_text()
-    assert "held out" not in train and '"copy"' not in train and '"huge"' not in train
+    train = rows(project.domain_train) + [json.loads(x) for x in project.domain_valid.read_text().splitlines()]
+    assert len(train) == 60 and not any("held out" in d["text"] for d in train)
+    assert not {"copy", "huge"} & {d["id"] for d in train}
 
     out = project.reports / "clean"
     assert json.loads((out / "dropped_length_too_short.jsonl").read_text())["text"] == "too short"
@@ -87,6 +97,24 @@ def test_output_is_identical_across_task_counts_and_runs(project):
     one = outputs(project)
     run(params(executor={"tasks": 2, "workers": 2}), project)
     assert outputs(project) == one
+
+
+def test_training_text_is_parquet_shards_of_shard_docs_in_input_order(project):
+    make_project(project)
+    run(params(), project)
+    one_shard = rows(project.domain_train), rows(project.general_train)
+    run(params(shard_docs=7), project)
+    shards = text_shards(project.domain_train)
+    assert [s.name for s in shards[:2]] == ["part-00000.parquet", "part-00001.parquet"]
+    sizes = [pq.ParquetFile(s).metadata.num_rows for s in shards]
+    assert sizes[:-1] == [7] * (len(shards) - 1) and 1 <= sizes[-1] <= 7 and sum(sizes) == len(one_shard[0])
+    meta = pq.ParquetFile(shards[0]).metadata
+    assert meta.schema.to_arrow_schema().names == ["id", "text"] and meta.row_group(0).column(1).compression == "ZSTD"
+    assert (rows(project.domain_train), rows(project.general_train)) == one_shard
+    # survivors keep the input order: the train ids are an increasing run of d0 ... d59
+    numbers = [int(d["id"][1:]) for d in one_shard[0]]
+    assert numbers == sorted(numbers) and len(numbers) > 50
+    assert len(text_shards(project.general_train)) == -(-len(one_shard[1]) // 7)
 
 
 def test_ray_engine_in_local_mode_gives_the_same_output(project):
@@ -121,3 +149,8 @@ def test_unknown_step_or_option_names_the_key():
         params(steps={"gopher": {}})
     with pytest.raises(ValidationError, match="clean.steps.size: .*max_char"):
         params(steps={"size": {"max_char": 3}})
+
+
+def test_shard_docs_must_be_positive():
+    with pytest.raises(ValidationError, match="shard_docs"):
+        params(shard_docs=0)

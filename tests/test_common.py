@@ -1,12 +1,16 @@
-"""Params validation, atomic writes, and the shipped params.yaml."""
+"""Params validation, atomic writes, text shards, and the shipped params.yaml."""
 
+import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from stages.adapt_tokenizer import AdaptTokenizerParams
 from stages.clean import CleanParams
-from stages.common import ParamsError, atomic_path, load_params, load_paths, write_json
+from stages.common import ParamsError, TextShardWriter, atomic_path, iter_texts, load_params, load_paths, \
+    text_shards, write_json, write_text_shards
 from stages.compare import CompareParams
 from stages.finetune import FinetuneParams
 from stages.ingest import IngestParams
@@ -96,3 +100,100 @@ def test_gpu_profile_only_sets_existing_params():
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"make run-gpu sets {key}, which params.yaml lacks"
             node = node[part]
+
+
+# ---------------------------------------------------------------------------------------------------
+# training text: Parquet shards (or a JSONL file), streamed
+
+
+def docs(n: int) -> list[dict]:
+    return [{"id": f"d{i}", "text": f"document number {i} ünïcode"} for i in range(n)]
+
+
+def test_text_shards_split_every_shard_docs_rows_in_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr("stages.common.ROW_GROUP_DOCS", 2)
+    assert write_text_shards(tmp_path / "train", docs(7), shard_docs=3) == 7
+    shards = text_shards(tmp_path / "train")
+    assert [s.name for s in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    files = [pq.ParquetFile(s) for s in shards]
+    assert [f.metadata.num_rows for f in files] == [3, 3, 1]
+    assert [f.metadata.num_row_groups for f in files] == [2, 2, 1]  # 2 + 1, 2 + 1, 1
+    assert files[0].schema_arrow == pa.schema([("id", pa.string()), ("text", pa.string())])
+    assert files[0].metadata.row_group(0).column(1).compression == "ZSTD"
+    assert [r for s in shards for r in pq.read_table(s).to_pylist()] == docs(7)
+    assert [p.name for p in tmp_path.iterdir()] == ["train"]  # no temp leftovers
+
+
+def test_iter_texts_streams_shards_in_order_in_batches(tmp_path):
+    write_text_shards(tmp_path / "train", docs(7), shard_docs=3)
+    batches = list(iter_texts(tmp_path / "train", batch_size=2))
+    assert all(1 <= len(b) <= 2 for b in batches)
+    assert [t for b in batches for t in b] == [d["text"] for d in docs(7)]
+
+
+def test_iter_texts_reads_a_jsonl_file(tmp_path):
+    path = tmp_path / "valid.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs(5)) + "\n", encoding="utf-8")  # a blank line too
+    assert text_shards(path) == [path]
+    assert list(iter_texts(path, batch_size=2)) == [[d["text"] for d in docs(5)][i:i + 2] for i in (0, 2, 4)]
+
+
+def test_empty_corpus_is_one_empty_shard(tmp_path):
+    write_text_shards(tmp_path / "train", [], shard_docs=3)
+    assert [s.name for s in text_shards(tmp_path / "train")] == ["part-00000.parquet"]
+    assert list(iter_texts(tmp_path / "train")) == []
+
+
+def test_shard_order_is_by_name_and_other_files_are_ignored(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for name, text in (("part-00001.parquet", "second"), ("part-00000.parquet", "first")):
+        pq.write_table(pa.table({"id": [name], "text": [text]}), folder / name)
+    (folder / ".gitignore").write_text("x\n")
+    assert [s.name for s in text_shards(folder)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert list(iter_texts(folder)) == [["first"], ["second"]]
+
+
+def test_text_shards_errors_name_the_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: a folder with no \*\.parquet shards"):
+        text_shards(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: not found"):
+        text_shards(tmp_path / "missing.jsonl")
+
+
+def test_iter_texts_errors_name_the_file(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"part-00000.parquet: no 'text' column \(columns: id, body\)"):
+        list(iter_texts(tmp_path))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"id": "no text"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: document 2 has no 'text' string"):
+        list(iter_texts(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match="broken.jsonl:2: invalid JSON"):
+        list(iter_texts(tmp_path / "broken.jsonl"))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        list(iter_texts(tmp_path / "bad.jsonl", batch_size=0))
+
+
+def test_failed_shard_write_keeps_the_old_folder(tmp_path):
+    write_text_shards(tmp_path / "train", docs(2), shard_docs=3)
+
+    def rows():
+        yield from docs(5)
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_text_shards(tmp_path / "train", rows(), shard_docs=3)
+    assert [t for b in iter_texts(tmp_path / "train") for t in b] == [d["text"] for d in docs(2)]
+    assert [p.name for p in tmp_path.iterdir()] == ["train"]
+    with pytest.raises(ValueError, match="shard_docs must be >= 1"):
+        TextShardWriter(tmp_path / "x", 0)
+
+
+def test_datasets_reads_the_shards(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    write_text_shards(tmp_path / "train", docs(7), shard_docs=3)
+    ds = datasets.load_dataset("parquet", data_files=[str(s) for s in text_shards(tmp_path / "train")],
+                               split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.column_names == ["id", "text"] and ds["text"] == [d["text"] for d in docs(7)]

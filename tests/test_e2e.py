@@ -90,7 +90,7 @@ def test_mlflow_runs_are_children_of_the_flow_run(finished):
     pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain"
                     and r.data.tags["variant"] == "domain")
     assert pretrain.data.params["max_steps"] == str(SMOKE_PARAMS["pretrain"]["max_steps"])
-    assert "mlflow.source.git.commit" in pretrain.data.tags and "data.data/clean/domain_train.jsonl" in pretrain.data.tags
+    assert "mlflow.source.git.commit" in pretrain.data.tags and "data.data/clean/domain_train" in pretrain.data.tags
     history = mlflow.MlflowClient().get_metric_history(pretrain.info.run_id, "eval_domain_loss")
     assert len(history) >= 2 and history[0].step < history[-1].step
 
