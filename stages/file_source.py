@@ -129,7 +129,8 @@ def _field(record: dict, key: str, where: str) -> object:
     return value
 
 
-def _text(record: dict, column: str, where: str) -> str:
+def text_of(record: dict, column: str, where: str) -> str:
+    """A record's text; an error naming `where` when it is absent or not a string."""
     value = _field(record, column, where)
     if not isinstance(value, str):
         shown = "missing (null)" if value is None else f"a {type(value).__name__}, not a string"
@@ -137,7 +138,8 @@ def _text(record: dict, column: str, where: str) -> str:
     return value
 
 
-def _label(record: dict, column: str, where: str) -> str:
+def label_of(record: dict, column: str, where: str) -> str:
+    """A record's label as a string (a class name); an error naming `where` when it is missing or not a scalar."""
     value = _field(record, column, where)
     # JSON/Parquet labels may be numbers or booleans; the task treats every label as a class name
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -176,12 +178,12 @@ def _read(path: Path, text_column: str, label_column: str | None) -> list[dict]:
         line_based = file.suffix.lower() in LINE_BASED
         for n, record in _records(file, columns):
             where = f"{file}:{n}" if line_based else f"{file} row {n}"
-            text = _text(record, text_column, where)
+            text = text_of(record, text_column, where)
             if not text.strip():
                 continue
             doc = {"id": f"{name}:{n}", "text": text.strip()}
             if label_column:
-                doc["label"] = _label(record, label_column, where)
+                doc["label"] = label_of(record, label_column, where)
             yield doc
 
     return _gather(path, input_files(path), docs, "documents", "every text was empty")
@@ -224,7 +226,7 @@ def _conll_sentences(path: Path) -> Iterator[tuple[int, dict]]:
         yield start, {"tokens": tokens, "tags": tags}
 
 
-def _strings(record: dict, column: str, what: str, where: str) -> list[str]:
+def strings_of(record: dict, column: str, what: str, where: str) -> list[str]:
     """A record's list of non-empty strings in `column` (tokens or tags); an error naming the offending item."""
     value = _field(record, column, where)
     if not isinstance(value, list):
@@ -244,8 +246,8 @@ def _strings(record: dict, column: str, what: str, where: str) -> list[str]:
 def _jsonl_sentences(path: Path, tokens_column: str, tags_column: str) -> Iterator[tuple[int, dict]]:
     for n, record in _jsonl_records(path):
         where = f"{path}:{n}"
-        tokens = _strings(record, tokens_column, "tokens", where)
-        tags = _strings(record, tags_column, "tags", where)
+        tokens = strings_of(record, tokens_column, "tokens", where)
+        tags = strings_of(record, tags_column, "tags", where)
         if len(tokens) != len(tags):
             raise ValueError(f"{where}: {len(tokens)} tokens but {len(tags)} tags; need one tag per token")
         yield n, {"tokens": tokens, "tags": tags}

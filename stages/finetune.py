@@ -31,17 +31,19 @@ from typing import Literal
 import mlflow
 import numpy as np
 import torch
+from datasets import Dataset, load_dataset
 from pydantic import Field
 from sklearn.utils.class_weight import compute_class_weight
 from transformers import AutoModel, Trainer, TrainingArguments, set_seed
 
 from stages import tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_logging, \
-    write_json, write_jsonl
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, write_json, \
+    write_jsonl
 from stages.tasks import IGNORE, TASKS, gold_labels, label_names, load_tokenizer, task_type
 from stages.tasks import scores  # noqa: F401  compare judges its TF-IDF baseline with it, imported from here
 
 Variant = Literal["general", "domain", "domain_novocab"]
+SPLITS = ("train", "dev", "test")
 
 
 class TrainingParams(Section):
@@ -62,6 +64,14 @@ class FinetuneParams(Section):
 
 # ---------------------------------------------------------------------------------------------------
 # pure helpers
+
+
+def read_task(folder: Path) -> dict[str, Dataset]:
+    """The task's train/dev/test.jsonl as 🤗 datasets, held in memory (a task is small); the Arrow files the
+    JSON loader builds go to a temporary folder, not the shared ~/.cache, and are gone when this returns."""
+    with tempfile.TemporaryDirectory(prefix="finetune-data-") as cache:
+        return {s: load_dataset("json", data_files=str(folder / f"{s}.jsonl"), split="train", cache_dir=cache,
+                                keep_in_memory=True) for s in SPLITS}
 
 
 def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
@@ -139,8 +149,8 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         # seed
         set_seed(seed)
 
-        # data: sequence or token classification, by what the records carry
-        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "dev", "test")}
+        # data: the task's splits as 🤗 datasets; sequence or token classification, by what the records carry
+        task = read_task(paths.task)
         kind = task_type(task["train"])
         spec = TASKS[kind]
         labels = label_names(task["train"])
@@ -148,7 +158,8 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
 
         # tokenizer
         tok = load_tokenizer(model_dir, kind)
-        data = {s: spec.encode(tok, task[s], label2id, t.max_seq_length) for s in task}
+        encode = partial(spec.encode, tok, label2id=label2id, max_len=t.max_seq_length)
+        data = {s: task[s].map(encode, batched=True, remove_columns=task[s].column_names) for s in task}
 
         # model (a token classifier has no pooler: share_pooler then leaves it alone)
         model, info = spec.model.from_pretrained(

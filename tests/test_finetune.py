@@ -10,8 +10,8 @@ import torch
 from seqeval.metrics import accuracy_score, f1_score
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
-from stages.finetune import FinetuneParams, TrainingParams, WeightedLoss, class_weights, init_classifier, run, \
-    scores, share_pooler
+from stages.finetune import FinetuneParams, TrainingParams, WeightedLoss, class_weights, init_classifier, read_task, \
+    run, scores, share_pooler
 from stages.tasks import align_labels, encode_words, prefix_space_for_words, tag_scores, task_type, word_predictions
 from tests.conftest import write_jsonl
 
@@ -36,6 +36,17 @@ def test_same_seed_same_head_for_both_variants(tiny_bert, tmp_path):
         init_classifier(clf, seed=5)
         heads.append(clf.classifier.weight.clone())
     assert torch.equal(heads[0], heads[1]) and heads[0].std() > 0
+
+
+def test_task_is_read_into_memory_as_datasets(tmp_path):
+    train = [{"id": "a:1", "text": "x", "label": "1"}, {"id": "a:2", "text": "y", "label": "2"}]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "dev.jsonl", [{"id": "b:1", "tokens": ["x"], "tags": ["O"], "text": "x"}])
+    write_jsonl(tmp_path / "test.jsonl", [{"id": "c:1", "text": "z", "label": "01"}])
+    task = read_task(tmp_path)
+    assert task["train"].to_list() == train
+    assert task["dev"][0]["tags"] == ["O"] and task["test"][0]["label"] == "01"  # labels stay strings
+    assert not any(split.cache_files for split in task.values())  # nothing left behind on disk
 
 
 def test_scores():
@@ -114,20 +125,20 @@ def test_align_labels_first_sub_token_only():
 def test_byte_level_words_get_a_prefix_space_and_first_piece_labels(tiny_roberta, tiny_bert):
     tok = AutoTokenizer.from_pretrained(tiny_roberta)
     assert prefix_space_for_words(tok)
-    (enc,) = encode_words(tok, [{"tokens": ["the", "licensor", "grants"], "tags": ["O", "B-P", "O"]}],
-                          {"O": 0, "B-P": 1}, 16)
+    enc = encode_words(tok, {"tokens": [["the", "licensor", "grants"]], "tags": [["O", "B-P", "O"]]},
+                       {"O": 0, "B-P": 1}, 16)
     # hand-checked: "grants" is two pieces; every word starts with Ġ as it would in running text
-    assert tok.convert_ids_to_tokens(enc["input_ids"]) == ["<s>", "Ġthe", "Ġlicensor", "Ġgrant", "s", "</s>"]
-    assert enc["labels"] == [-100, 0, 1, 0, -100, -100]
+    assert tok.convert_ids_to_tokens(enc["input_ids"][0]) == ["<s>", "Ġthe", "Ġlicensor", "Ġgrant", "s", "</s>"]
+    assert enc["labels"] == [[-100, 0, 1, 0, -100, -100]]
     assert not prefix_space_for_words(AutoTokenizer.from_pretrained(tiny_bert))  # WordPiece: nothing to do
 
 
 def test_word_without_tokens_keeps_later_words_aligned(tiny_bert):
     tok = AutoTokenizer.from_pretrained(tiny_bert)
-    ex = {"tokens": ["the", "\u200b", "licensor"], "tags": ["O", "O", "B-P"]}  # BERT deletes zero-width spaces
-    (enc,) = encode_words(tok, [ex], {"O": 0, "B-P": 1}, 16)
-    assert [label for label in enc["labels"] if label != -100] == [0, 0, 1]
-    assert tok.unk_token_id in enc["input_ids"]
+    batch = {"tokens": [["the", "\u200b", "licensor"]], "tags": [["O", "O", "B-P"]]}  # BERT deletes zero-width spaces
+    enc = encode_words(tok, batch, {"O": 0, "B-P": 1}, 16)
+    assert [label for label in enc["labels"][0] if label != -100] == [0, 0, 1]
+    assert tok.unk_token_id in enc["input_ids"][0]
 
 
 def test_truncated_words_are_predicted_outside():

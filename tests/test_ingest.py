@@ -2,11 +2,15 @@
 
 import json
 
+import datasets
 import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from pydantic import ValidationError
 from transformers import AutoModel
 
-from stages.ingest import DemoParams, FilesParams, IngestParams, check_task, resolve_model, run, sample
+from stages.hf_source import HFDataset
+from stages.ingest import DemoParams, FilesParams, IngestParams, check_task, resolve_model, run, sample, \
+    write_shards
 from tests.conftest import write_jsonl
 
 DEMO = DemoParams(categories=["a", "b"], dev_fraction=0.1, test_fraction=0.2)
@@ -51,6 +55,16 @@ def test_sample_is_seeded_and_keeps_order():
     a, b = sample(docs, 10, 3), sample(docs, 10, 3)
     assert a == b and [d["id"] for d in a] == sorted(d["id"] for d in a) and len(a) == 10
     assert sample(docs, None, 3) == docs
+
+
+def test_a_stream_is_capped_at_its_first_documents():
+    assert list(sample(iter(range(10)), 3, seed=0)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("n", "shards"), [(0, [0]), (3, [2, 1]), (4, [2, 2])])
+def test_write_shards_from_a_stream(tmp_path, n, shards):
+    assert write_shards(tmp_path / "s", ({"id": i} for i in range(n)), per_shard=2) == n
+    assert [len(f.read_text().splitlines()) for f in sorted((tmp_path / "s").iterdir())] == shards
 
 
 def test_files_source_end_to_end(project, tiny_bert, tmp_path):
@@ -105,3 +119,50 @@ def test_token_task_with_a_tag_unseen_in_train_fails(project, tiny_bert, tmp_pat
                         dev=tmp_path / "train.conll", test=tmp_path / "test.conll", task_type="token_classification")
     with pytest.raises(ValueError, match=r"test split has tags never seen in train: \['B-ORG'\]"):
         run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
+
+
+def test_files_source_from_datasets(project, tiny_bert, tmp_path, monkeypatch):
+    # domain: a Hub corpus (the loader answers from a local dataset: the Hub is unreachable here), streamed
+    calls = []
+    corpus = Dataset.from_dict({"article": [f"domain doc {i}" for i in range(5)]})
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return corpus.to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    # general: a saved Dataset, named by its folder; the task: a saved DatasetDict with class ids
+    Dataset.from_dict({"article": ["a general sentence"]}).save_to_disk(str(tmp_path / "general"))
+    labels = Features({"article": Value("string"), "topic": ClassLabel(names=["neg", "pos"])})
+    split = Dataset.from_dict({"article": ["x", "z"], "topic": [1, 0]}, features=labels)
+    DatasetDict(train=split, validation=split, test=split).save_to_disk(str(tmp_path / "task"))
+    files = FilesParams(domain=HFDataset(hub="org/corpus", config="en", split="train"), general=tmp_path / "general",
+                        train=HFDataset(disk=tmp_path / "task", split="train"),
+                        dev=HFDataset(disk=tmp_path / "task", split="validation"),
+                        test=HFDataset(disk=tmp_path / "task", split="test"), text_column="article",
+                        label_column="topic")
+    run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files, max_domain_docs=3,
+                     shard_docs=2), project)
+
+    assert calls == [("org/corpus", "en", "train", True)]
+    shards = [[json.loads(line) for line in f.read_text().splitlines()] for f in sorted(project.raw_domain.iterdir())]
+    assert shards == [[{"id": "org/corpus/en/train:1", "text": "domain doc 0"},
+                       {"id": "org/corpus/en/train:2", "text": "domain doc 1"}],
+                      [{"id": "org/corpus/en/train:3", "text": "domain doc 2"}]]  # the first 3, 2 a shard
+    assert json.loads(project.raw_general.read_text())["text"] == "a general sentence"
+    assert [json.loads(line) for line in (project.task / "dev.jsonl").read_text().splitlines()] == [
+        {"id": "task/validation:1", "text": "x", "label": "pos"},
+        {"id": "task/validation:2", "text": "z", "label": "neg"}]
+    metrics = json.loads((project.metrics / "ingest.json").read_text())
+    assert (metrics["domain_docs"], metrics["general_docs"], metrics["task_train"], metrics["task_labels"]) == \
+        (3, 1, 2, 2)
+
+
+def test_a_dataset_dict_without_a_split_names_the_key(project, tiny_bert, tmp_path):
+    DatasetDict(train=Dataset.from_dict({"text": ["a"]})).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "t.jsonl").write_text('{"text": "x", "label": "a"}\n{"text": "y", "label": "b"}\n')
+    files = FilesParams(domain=tmp_path / "dd", general=tmp_path / "t.jsonl", train=tmp_path / "t.jsonl",
+                        dev=tmp_path / "t.jsonl", test=tmp_path / "t.jsonl")
+    with pytest.raises(ValueError, match=r"ingest.files.domain: .*dd is a DatasetDict; name a split.*\['train'\]"):
+        run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
+    assert not project.raw_domain.exists()
