@@ -11,7 +11,8 @@ not updated, gradients lost, the schedule not applied) shows as curves that part
 The benchmark (`mlm_throughput.py`, recipe `ours_bf16`) measures what the variant gains in speed; this measures
 whether it still learns the same, over more steps than the benchmark's 60. Model and data as there: on a GPU a
 BERT-base configuration with random weights (its vocabulary padded to a multiple of 64), on the CPU the demo base
-model (`models/general`) with a new MLM head; `--model` overrides either. Data: `data/clean/domain_train.jsonl`.
+model (`models/general`) with a new MLM head; `--model` overrides either. Data: `data/clean/domain_train`
+(`benchmarks/corpus.py`).
 Only torch and transformers are imported besides `stages/mlm.py`, so it runs on a bare GPU image; carry the data
 file and the tokenizer files of `models/general`. Run: `python benchmarks/bf16_weights_learning.py`; the last line
 is JSON (`max_rel_diff`: the largest relative difference of the two validation losses after the first
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +32,11 @@ import torch
 import yaml
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
+import corpus  # noqa: E402  (this folder)
 from mlm_throughput import ROOT, build_model  # this folder: the benchmark's model and the project root on sys.path
 
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, \
-    fixed_eval_batches, full_precision, master_weights, pack, training_args  # noqa: E402
+    fixed_eval_batches, full_precision, master_weights, training_args  # noqa: E402
 
 
 class Scores(TrainerCallback):
@@ -91,11 +92,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model or ROOT / "models" / "general")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    train_file = ROOT / params["paths"]["domain_train"]
-    if not train_file.exists():
-        sys.exit(f"{train_file}: missing; run `dvc repro clean` first")
-    texts = [json.loads(line)["text"] for line in train_file.open(encoding="utf-8")]
-    blocks = pack(tok, texts, 128)
+    blocks = corpus.blocks(tok, 128)
     held_out, blocks = blocks[-args.eval_blocks:], blocks[:-args.eval_blocks]
     eval_batches = fixed_eval_batches(held_out, MaskingCollator(tok, 0.15, 0.8, 0.1, seed=0), args.batch)
     print(f"{len(blocks):,} training blocks, {len(held_out):,} validation blocks; {args.steps} steps of "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one device call (about 6 minutes on an H100 or H200): the MLM throughput benchmark as the
 # README reports it (batch 512 with the vocabulary padded to a multiple of 64, then batch 256 unpadded; ours,
-# ours_bf16 and stock) and the bf16_weights learning check. Carry data/clean/domain_train.jsonl,
+# ours_bf16 and stock) and the bf16_weights learning check. Carry data/clean/domain_train,
 # models/general/tokenizer.json and models/general/tokenizer_config.json: the model's weights stay behind, the
 # GPU runs train BERT-base from random weights. Logs go to $OUT (else /tmp/gpu_check); each log's last line is JSON.
 set -uo pipefail  # a failing check does not skip the others: the exit status says whether any failed

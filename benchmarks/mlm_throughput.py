@@ -23,9 +23,11 @@ dropout draws and bf16 rounding (`compiled_vs_eager_loss_diff`, a few 1e-3; a bu
 
 Model: on CPU the demo base model (`models/general`: BERT, 6 layers) with a new MLM head; on a GPU a
 BERT-base configuration with random weights (`--model` overrides either). Tokenizer: `--tokenizer`, default
-`models/general`. Data: `data/clean/domain_train.jsonl` (`dvc repro clean` makes both). Only torch and
-transformers are imported besides `stages/mlm.py`, so the script runs on a bare GPU image: carry the data file
-and a copy of the tokenizer files (`tokenizer.json`, `tokenizer_config.json`). Run:
+`models/general`. Data: the blocks of `data/clean/domain_train` (`dvc repro clean` makes both), read from the
+stage's token cache (`stages.blocks`, 🤗 datasets). Without `datasets` only torch, transformers and pyarrow are
+imported besides `stages/mlm.py` (`benchmarks/corpus.py` packs the same blocks in memory), so the script runs on
+a bare GPU image: carry the data folder and a copy of the tokenizer files (`tokenizer.json`,
+`tokenizer_config.json`). Run:
 `python benchmarks/mlm_throughput.py`; the last line is JSON.
 """
 
@@ -43,12 +45,11 @@ from torch._dynamo.utils import counters
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
     DataCollatorForLanguageModeling  # noqa: E402
 
-from stages.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions, \
-    pack  # noqa: E402
+import corpus  # noqa: E402
+from stages.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -185,12 +186,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model or ROOT / "models" / "general")
-    train = ROOT / yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]["domain_train"]
-    if not train.exists():
-        sys.exit(f"{train}: missing; run `dvc repro clean` first")
-    texts = [json.loads(line)["text"] for line in train.open(encoding="utf-8")]
     n = (warmup + steps) * batch
-    blocks = pack(tok, texts[: 4 * n], args.seq)
+    blocks = corpus.blocks(tok, args.seq, n)  # read from the stage's token cache (stages.blocks)
     if len(blocks) < n:
         blocks = blocks.repeat((n + len(blocks) - 1) // len(blocks), 1)
     rows = [{"input_ids": b} for b in blocks[:n]]
@@ -208,7 +205,7 @@ def main() -> None:
     pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if cuda else (lambda b: b)
     data = {"ours": [pin(ours_collate(c)) for c in chunks(rows)], "stock": [pin(stock_collate(c)) for c in chunks(rows)]}
     if "line_by_line" in wanted:
-        lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in texts[:n]]
+        lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in corpus.texts(n)]
         lines = (lines * (n // len(lines) + 1))[:n]  # a small corpus is repeated, as its blocks are
         data["lines"] = [pin(stock_collate([{"input_ids": x} for x in c])) for c in chunks(lines)]
     began = time.perf_counter()

@@ -267,13 +267,16 @@ def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: d
         if not snap.get("reached", True):  # training stopped first: this snapshot is the final model again
             continue
         points.append({"label": f"{pct}%", "percent": pct, "at": pct, "runs": by_seed,
-                       **{k: snap[k] for k in ("step", "tokens_seen", "device_hours", "device")}})
+                       **{k: snap[k] for k in ("step", "tokens_seen", "device_hours", "device")},
+                       "corpus_epochs": snap.get("corpus_epochs")})
     if pre is not None:
         # the saved model is the best evaluation's: its tokens are those seen up to that step; its device-hours
         # are the whole run's, since finding it took the evaluations after it too
         points.append({"label": f"final (step {pre['best_step']}, {pre['stop_reason']})", "percent": 100,
                        "at": None, "runs": runs["domain"], "step": pre["best_step"],
                        "tokens_seen": pre["tokens_seen"] * pre["best_step"] // max(pre["steps"], 1),
+                       "corpus_epochs": pre["corpus_epochs"] * pre["best_step"] / max(pre["steps"], 1)
+                       if "corpus_epochs" in pre else None,
                        "device_hours": pre.get("device_hours", pre["seconds"] / 3600),
                        "device": pre.get("device", "cpu")})
     points.sort(key=lambda pt: (pt["step"], pt["percent"]))

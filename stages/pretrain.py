@@ -5,7 +5,14 @@ between documents, no padding); `mlm_probability` of the tokens (or of the words
 selected afresh every time a block is seen (dynamic masking), never special tokens; of those 80% [MASK] /
 10% a random real token / 10% unchanged; the MLM head computed at the selected positions only (sparse
 prediction: the loss is only defined there, and the vocabulary projection dominates a small model's step).
-`general_replay` mixes that share of general-text blocks into training. On a GPU the model computes in bf16
+`general_replay` mixes that share of general-text blocks into training. The text is tokenised once, by
+`Dataset.map` in parallel, into an Arrow cache that every process memory-maps (`stages.blocks`): memory stays
+flat in the corpus size, and each rank reads only the blocks its sampler gives it.
+
+Budgets: `max_steps`, `max_tokens` (tokens through the model, every process counted) and `max_epochs` (passes
+over the training blocks); training stops at the first one reached. `eval_tokens` sets the evaluation cadence in
+tokens instead of `eval_steps`. The metrics, the report and MLflow say how many tokens and corpus epochs each
+model saw. On a GPU the model computes in bf16
 autocast or, with `bf16_weights`, holds bf16 weights that AdamW updates through fp32 master copies
 (`MasterWeightAdamW`); either way it is evaluated and saved in fp32.
 
@@ -27,10 +34,11 @@ from continued pretraining.
 
 Crash safety: every `save_steps` a checkpoint (model, optimiser, scheduler, RNG states, data position and
 the early-stopping state) goes to `checkpoints/<variant>`, which DVC keeps between runs (`persist`), as
-does the tokenised data (`blocks/`). Rerunning the stage after a crash resumes from the last checkpoint of a
+does the tokenised data (`tokens/`). Rerunning the stage after a crash resumes from the last checkpoint of a
 run with the same params and inputs.
 
-Run: `dvc repro pretrain` (every variant) or `python -m stages.pretrain --variant domain`. Several processes
+Run: `dvc repro pretrain` (every variant) or `python -m stages.pretrain --variant domain` (`--tokenize-only` fills
+the token cache and stops: once, before a multi-node launch). Several processes
 or GPUs: set `pretrain.launcher` (e.g. `torchrun --nproc_per_node 4`), which dvc.yaml puts before `-m`.
 """
 
@@ -52,15 +60,18 @@ from typing import Literal
 import mlflow
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from pydantic import Field, model_validator
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from stages import tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_logging, write_json, write_text
-from stages import mlm
+from stages import blocks, mlm
+from stages.blocks import TokenBlocks, separator_ids, tokenize_corpus
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, text_shards, \
+    write_json, write_text
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
-    full_precision, master_weights, own_head_parameters, pack, training_args
+    full_precision, master_weights, own_head_parameters, training_args
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 
@@ -81,8 +92,11 @@ class PretrainParams(Section):
     warmup_ratio: float = Field(ge=0, lt=1)
     head_warmup_steps: int = Field(ge=0)
     head_warmup_learning_rate: float = Field(gt=0, lt=1)
-    max_steps: int = Field(ge=1)
-    eval_steps: int = Field(ge=1)
+    max_steps: int | None = Field(ge=1)
+    max_tokens: float | None = Field(None, gt=0)
+    max_epochs: float | None = Field(None, gt=0)
+    eval_steps: int | None = Field(ge=1)
+    eval_tokens: float | None = Field(None, gt=0)
     save_steps: int = Field(ge=1)
     max_eval_blocks: int = Field(ge=1)
     patience: int = Field(ge=1)
@@ -91,16 +105,44 @@ class PretrainParams(Section):
     torch_compile: bool = False
     bf16_weights: bool = False
     dataloader_workers: int = Field(0, ge=0)
+    data_processes: int | None = Field(None, ge=1)
     snapshots: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _probabilities(self) -> PretrainParams:
         if self.mask_replace_prob + self.random_replace_prob > 1:
             raise ValueError("pretrain.mask_replace_prob + pretrain.random_replace_prob must not exceed 1")
-        if any(not 0 <= pct < 100 for pct in self.snapshots) or len(self.snapshot_steps()) != len(self.snapshots):
+        if self.max_steps is None and self.max_tokens is None and self.max_epochs is None:
+            raise ValueError("pretrain: set a budget: max_steps, max_tokens or max_epochs (the first reached stops)")
+        if (self.eval_steps is None) == (self.eval_tokens is None):
+            raise ValueError(f"pretrain: set one of eval_steps and eval_tokens, the other null (got eval_steps "
+                             f"{self.eval_steps}, eval_tokens {self.eval_tokens})")
+        # with a token or epoch budget, the steps are known once the data is (`resolve` checks them then)
+        if any(not 0 <= pct < 100 for pct in self.snapshots) or \
+                self.max_steps is not None and len(self.snapshot_steps()) != len(self.snapshots):
             raise ValueError(f"pretrain.snapshots: percentages in 0..99 (100% is the final model) that fall on "
                              f"distinct steps of max_steps {self.max_steps}, got {self.snapshots}")
         return self
+
+    def tokens_per_step(self, processes: int) -> int:
+        return self.batch_size * self.max_seq_length * processes
+
+    def resolve(self, train_blocks: int, processes: int) -> tuple[PretrainParams, str]:
+        """These params with `max_steps` and `eval_steps` in steps, from whichever budget is reached first on
+        `train_blocks` blocks with `processes` processes; and the name of that budget."""
+        per_step = self.tokens_per_step(processes)
+        budgets = {"max_steps": self.max_steps,
+                   "max_tokens": None if self.max_tokens is None else math.ceil(self.max_tokens / per_step),
+                   "max_epochs": None if self.max_epochs is None else
+                   math.ceil(self.max_epochs * train_blocks / (self.batch_size * processes))}
+        bound = min((k for k, v in budgets.items() if v is not None), key=lambda k: budgets[k])
+        steps = max(budgets[bound], 1)
+        every = self.eval_steps or max(round(self.eval_tokens / per_step), 1)
+        resolved = self.model_copy(update={"max_steps": steps, "eval_steps": every})
+        if len(resolved.snapshot_steps()) != len(self.snapshots):
+            raise ValueError(f"pretrain.snapshots: {self.snapshots} percent of {steps} steps ({bound}) fall on the "
+                             f"same step; raise the budget or drop a snapshot")
+        return resolved, bound
 
     def snapshot_steps(self) -> dict[int, int]:
         """DAPT step -> snapshot percent (step 0: after the head warm-up, before any encoder update)."""
@@ -111,28 +153,37 @@ class PretrainParams(Section):
 # data and masking (the recipe itself is in stages/mlm.py)
 
 
-def cached_blocks(tok: PreTrainedTokenizerBase, path: Path, block: int, cache: Path) -> torch.Tensor:
-    """`pack` of a JSONL file, kept in `cache` under a hash of the tokenizer, the file and the block size."""
-    key = hashlib.sha1(tok.backend_tokenizer.to_str().encode() + path.read_bytes() + str(block).encode()
-                       + Path(mlm.__file__).read_bytes()).hexdigest()  # the packing code too
-    file = cache / f"blocks-{key[:16]}.pt"
-    if file.exists():
-        return torch.load(file)
-    blocks = pack(tok, [d["text"] for d in read_jsonl(path)], block)
-    if PartialState().is_main_process:
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_path(file) as tmp:
-            torch.save(blocks, tmp)
-    return blocks
-
-
-def with_replay(domain: torch.Tensor, general: torch.Tensor | None, share: float, seed: int) -> torch.Tensor:
+def with_replay(domain: Dataset, general: Dataset | None, share: float, seed: int) -> Dataset:
     """Domain blocks plus general blocks (drawn with replacement) making up `share` of the result."""
     if not share or general is None:
         return domain
     n = round(share / (1 - share) * len(domain))
     pick = torch.randint(len(general), (n,), generator=torch.Generator().manual_seed(seed))
-    return torch.cat([domain, general[pick]])
+    return ConcatDataset([domain, Subset(general, pick.tolist())])
+
+
+def corpora(p: PretrainParams, paths: Paths) -> dict[str, Path]:
+    """The texts pretraining reads: training text (general too, with replay) and the two validation sets."""
+    texts = {"domain_train": paths.domain_train, "domain": paths.domain_valid, "general": paths.general_valid}
+    return {**texts, "general_train": paths.general_train} if p.general_replay else texts
+
+
+def shared_blocks(tok: PreTrainedTokenizerBase, corpora: dict[str, Path], p: PretrainParams,
+                  cache: Path) -> dict[str, TokenBlocks]:
+    """`TokenBlocks` of each corpus: the main process tokenises (with every core) while the others wait, then
+    they map the folders it names, without reading the corpus themselves."""
+    state = PartialState()
+    folders = [None] * len(corpora)
+    if state.is_main_process:
+        folders = [tokenize_corpus(tok, path, cache, p.data_processes) for path in corpora.values()]
+    folders = broadcast_object_list(folders)  # waits for the main process
+    return {name: TokenBlocks(folder, p.max_seq_length, separator_ids(tok)[0])
+            for name, folder in zip(corpora, folders, strict=True)}
+
+
+def epochs(p: PretrainParams, steps: int, train_blocks: int, processes: int) -> float:
+    """Passes over the training blocks that `steps` steps make."""
+    return steps * p.batch_size * processes / train_blocks
 
 
 def make_collator(tok: PreTrainedTokenizerBase, p: PretrainParams, seed: int | None = None) -> MaskingCollator:
@@ -246,16 +297,17 @@ class Snapshots(TrainerCallback):
     """Keep the model at the steps of `pretrain.snapshots`, with its compute, for the adaptation curve."""
 
     def __init__(self, p: PretrainParams, root: Path, tok: PreTrainedTokenizerBase, processes: int,
-                 clock: DomainGeneralStopping | None = None, main_process: bool = True):
+                 clock: DomainGeneralStopping | None = None, main_process: bool = True, train_blocks: int = 0):
         self.p, self.root, self.tok, self.processes, self.clock = p, root, tok, processes, clock
-        self.main_process = main_process
+        self.main_process, self.train_blocks = main_process, train_blocks
         self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     def compute(self, step: int) -> dict:
         """What the model at DAPT `step` cost: tokens trained on and device-hours since the stage started
         (head warm-up and evaluations included; a resumed run counts from its restart)."""
         seconds = time.time() - (self.clock.started if self.clock else time.time())
-        return {"step": step, "tokens_seen": step * self.p.batch_size * self.p.max_seq_length * self.processes,
+        return {"step": step, "tokens_seen": step * self.p.tokens_per_step(self.processes),
+                "corpus_epochs": epochs(self.p, step, self.train_blocks, self.processes) if self.train_blocks else None,
                 "seconds": round(seconds, 1), "device_hours": seconds * self.processes / 3600,
                 "device": self.device, "processes": self.processes}
 
@@ -298,7 +350,7 @@ def resumable(folder: Path) -> str | None:
 
 
 def clear_run_state(work: Path) -> None:
-    """Forget a run's checkpoints and best models; the token cache (`blocks/`) stays."""
+    """Forget a run's checkpoints and best models; the token cache (`tokens/`) stays."""
     for part in ("trainer", "best", "warmup", "snapshots"):
         shutil.rmtree(work / part, ignore_errors=True)
 
@@ -306,12 +358,14 @@ def clear_run_state(work: Path) -> None:
 def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) -> str:
     """What a checkpoint must match to be resumed: the params, the number of processes (it sets the data each
     one sees), this stage's code and every input file's bytes."""
-    h = hashlib.sha1(p.model_dump_json(exclude={"variants", "launcher", "dataloader_workers"}).encode())
+    h = hashlib.sha1(p.model_dump_json(exclude={"variants", "launcher", "dataloader_workers",
+                                                 "data_processes"}).encode())
     h.update(str(processes).encode())
-    files = [*files, Path(__file__), Path(mlm.__file__)]
+    files = [*files, Path(__file__), Path(mlm.__file__), Path(blocks.__file__)]
     for f in sorted(files):
         h.update(str(f).encode())
-        h.update(hashlib.sha1(f.read_bytes()).digest())
+        with f.open("rb") as fh:  # in chunks: a corpus shard can be gigabytes
+            h.update(hashlib.file_digest(fh, "sha1").digest())
     return h.hexdigest()
 
 
@@ -321,8 +375,9 @@ def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) ->
 def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     """Continued MLM pretraining of `variant`, from `models/<variant>_init` to `models/<variant>`."""
     start, work = paths.init_dir(variant), paths.checkpoints / variant
-    # first: under torchrun/accelerate, TrainingArguments joins the processes (every one trains, one writes)
-    args = training_args(p, work / "trainer", p.learning_rate, p.max_steps, p.warmup_ratio, p.seed + 1, save=True,
+    # first: under torchrun/accelerate, TrainingArguments joins the processes (every one trains, one writes);
+    # the steps are known once the data is (the budget may be in tokens or epochs), when the Trainer's are made
+    args = training_args(p, work / "trainer", p.learning_rate, 1, p.warmup_ratio, p.seed + 1, save=True,
                          autocast=not p.bf16_weights)
     if args.n_gpu > 1:  # the Trainer would split each batch over them with nn.DataParallel, which SparseMLM's
         # batch-wide masked positions do not survive; DDP (one process per GPU) is also the faster way
@@ -332,16 +387,15 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     main = state.is_main_process
 
     # resume: only a checkpoint of this very run (same params, model and data) is picked up
-    inputs = [f for f in start.rglob("*") if f.is_file()] + [paths.domain_train, paths.domain_valid, paths.general_valid]
-    if p.general_replay:
-        inputs.append(paths.general_train)
-    fingerprint = run_fingerprint(p, inputs, state.num_processes)
-    if main and (work / "run.json").exists() and json.loads((work / "run.json").read_text()) != fingerprint:
-        clear_run_state(work)
+    if main:  # the one process that writes; the others would read the whole corpus for nothing
+        inputs = [f for f in start.rglob("*") if f.is_file()] + [f for c in corpora(p, paths).values()
+                                                                 for f in text_shards(c)]
+        fingerprint = run_fingerprint(p, inputs, state.num_processes)
+        if (work / "run.json").exists() and json.loads((work / "run.json").read_text()) != fingerprint:
+            clear_run_state(work)
+        write_json(work / "run.json", fingerprint)
     state.wait_for_everyone()
     resume = resumable(work / "trainer")
-    if main:
-        write_json(work / "run.json", fingerprint)
     if resume:
         log.info("pretrain: resuming %s from %s", variant, resume)
 
@@ -352,21 +406,22 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         set_seed(p.seed)
         started = time.time()
 
-        # data: tokenised and packed once per tokenizer, then read from the cache
+        # data: tokenised once per tokenizer into a memory-mapped cache (stages.blocks), by the first process
         tok = AutoTokenizer.from_pretrained(start)
-        cache = work / "blocks"
-        domain_blocks = cached_blocks(tok, paths.domain_train, p.max_seq_length, cache)
-        general_blocks = cached_blocks(tok, paths.general_train, p.max_seq_length, cache) if p.general_replay else None
-        train_blocks = with_replay(domain_blocks, general_blocks, p.general_replay, p.seed)
+        data = shared_blocks(tok, corpora(p, paths), p, work / "tokens")
+        train_blocks = with_replay(data["domain_train"], data.get("general_train"), p.general_replay, p.seed)
         eval_collator = make_collator(tok, p, seed=p.seed)
-        eval_sets = {
-            name: fixed_eval_batches(cached_blocks(tok, path, p.max_seq_length, cache)[: p.max_eval_blocks],
-                                     eval_collator, p.batch_size)
-            for name, path in (("domain", paths.domain_valid), ("general", paths.general_valid))
-        }
+        eval_sets = {name: fixed_eval_batches(data[name].head(p.max_eval_blocks), eval_collator, p.batch_size)
+                     for name in ("domain", "general")}
         warmup_dataset, train_dataset = Blocks(train_blocks, p.seed), Blocks(train_blocks, p.seed + 1)
-        log.info("pretrain: %d training blocks of %d tokens (%d general)", len(train_blocks), p.max_seq_length,
-                 len(train_blocks) - len(domain_blocks))
+        p, bound = p.resolve(len(train_blocks), state.num_processes)
+        args = training_args(p, work / "trainer", p.learning_rate, p.max_steps, p.warmup_ratio, p.seed + 1, save=True,
+                             autocast=not p.bf16_weights)
+        log.info("pretrain: %d training blocks of %d tokens (%d general, %s domain tokens); %d steps (%s), "
+                 "%.3g tokens, %.3g corpus epochs", len(train_blocks), p.max_seq_length,
+                 len(train_blocks) - len(data["domain_train"]), f"{data['domain_train'].tokens:,}", p.max_steps, bound,
+                 p.max_steps * p.tokens_per_step(state.num_processes), epochs(p, p.max_steps, len(train_blocks),
+                                                                              state.num_processes))
 
         # model: PyTorch's fused attention (SDPA) where the architecture has it
         model = SparseMLM(AutoModelForMaskedLM.from_pretrained(start, attn_implementation="sdpa"))
@@ -393,7 +448,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         stopping.started = started
         # the adaptation curve is the domain model's (finetune_curve): other variants keep no snapshots
         curve = p if variant == "domain" else p.model_copy(update={"snapshots": []})
-        snapshots = Snapshots(curve, work / "snapshots", tok, state.num_processes, stopping, main)
+        snapshots = Snapshots(curve, work / "snapshots", tok, state.num_processes, stopping, main, len(train_blocks))
         if resume:
             stopping.restore(Path(resume))
         else:
@@ -428,7 +483,9 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             "steps": steps,
             "best_step": best["step"] - p.head_warmup_steps,
             "train_blocks": len(train_blocks),
-            "tokens_seen": steps * p.batch_size * p.max_seq_length * state.num_processes,
+            "budget": bound,
+            "tokens_seen": steps * p.tokens_per_step(state.num_processes),
+            "corpus_epochs": epochs(p, steps, len(train_blocks), state.num_processes),
             "seconds": round(time.time() - stopping.started, 1),  # a resumed run's earlier time included
             "device_hours": (time.time() - stopping.started) * state.num_processes / 3600,
             "device": snapshots.device,
@@ -438,18 +495,29 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         }
         write_json(paths.metrics / f"pretrain_{variant}.json", metrics)
         write_text(paths.metrics / f"pretrain_{variant}_curve.csv", curve_csv(stopping.history))
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "stop_reason"})
-        mlflow.set_tag("stop_reason", stopping.stop_reason)
+        tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("stop_reason", "budget", "device")})
+        mlflow.set_tags({"stop_reason": stopping.stop_reason, "budget": bound})
         mlflow.log_artifact(str(paths.metrics / f"pretrain_{variant}_curve.csv"))
         clear_run_state(work)  # finished: nothing left to resume (the tokenised blocks stay cached)
         log.info("pretrain: %s", metrics)
+
+
+def tokenize_only(p: PretrainParams, paths: Paths, variant: str) -> None:
+    """Fill the token cache of `variant` and stop: one process, before a multi-node launch, so no rank waits on
+    tokenisation longer than the collective timeout."""
+    tok = AutoTokenizer.from_pretrained(paths.init_dir(variant))
+    for path in corpora(p, paths).values():
+        log.info("pretrain: %s tokens in %s", path, tokenize_corpus(tok, path, paths.checkpoints / variant / "tokens",
+                                                                    p.data_processes))
 
 
 def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="domain", choices=["domain", "domain_novocab"])
-    run(load_params("pretrain", PretrainParams), load_paths(), parser.parse_args().variant)
+    parser.add_argument("--tokenize-only", action="store_true", help="fill the token cache, do not train")
+    args = parser.parse_args()
+    (tokenize_only if args.tokenize_only else run)(load_params("pretrain", PretrainParams), load_paths(), args.variant)
 
 
 if __name__ == "__main__":

@@ -174,13 +174,14 @@ def curve_section(points: list[dict], general: dict, slope: dict | None, figure:
     """The adaptation curve: one row per point with its compute, and what the last step of the curve says."""
     lines = ["## Adaptation curve", "",
              "Fine-tuning from intermediate DAPT checkpoints, with the same settings and seeds as the table above.",
-             "", "| DAPT | step | tokens seen | device-hours (final: whole run) | test macro-F1 | vs general (paired over seeds) |",
-             "|---|---|---|---|---|---|"]
+             "", "| DAPT | step | tokens seen | corpus epochs | device-hours (final: whole run) | test macro-F1 "
+             "| vs general (paired over seeds) |", "|---|---|---|---|---|---|---|"]
     for p in points:
         vs = f"{p['vs_general']['mean']:+.3f} ({p['vs_general']['wins']}/{p['vs_general']['n']} seeds better)"
-        lines.append(f"| {p['label']} | {p['step']:,} | {p['tokens_seen']:,} | {p['device_hours']:.3g} ({p['device']}) "
-                     f"| {p['mean']:.3f} +- {p['std']:.3f} | {vs} |")
-    lines.append(f"| general model | - | - | - | {general['mean']:.3f} +- {general['std']:.3f} | - |")
+        epochs = "-" if p.get("corpus_epochs") is None else f"{p['corpus_epochs']:.3g}"
+        lines.append(f"| {p['label']} | {p['step']:,} | {p['tokens_seen']:,} | {epochs} | {p['device_hours']:.3g} "
+                     f"({p['device']}) | {p['mean']:.3f} +- {p['std']:.3f} | {vs} |")
+    lines.append(f"| general model | - | - | - | - | {general['mean']:.3f} +- {general['std']:.3f} | - |")
     if slope:
         lines += ["", f"**{slope['text']}**"]
     lines += ["", f"![adaptation curve]({figure})", ""]
@@ -198,8 +199,9 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, tfidf: dict | N
     head = ["# General vs domain-adapted model\n", f"**{verdict}**\n"]
     pre = extra.get("pretrain_domain")
     if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
-        head.append(f"Pretraining hit its step limit ({pre['steps']} steps) with domain validation loss still "
-                    "falling: this measures a short adaptation, not a converged one.\n")
+        head.append(f"Pretraining hit its budget ({pre['steps']:,} steps, {pre['tokens_seen']:,} tokens, "
+                    f"{pre['corpus_epochs']:.2f} corpus epochs) with domain validation loss still falling: this "
+                    "measures a short adaptation, not a converged one.\n")
     head += scores_table(summary, tfidf, names)
     if token_task:
         head += ["", "No TF-IDF reference: it is a sequence classifier. Entity macro-F1 is seqeval's, over entity "
@@ -224,12 +226,14 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, tfidf: dict | N
     pretrained = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
     if pretrained:
         lines = ["## Continued pretraining", "",
-                 "| variant | steps | stopped | best step | tokens seen | seconds | validation | loss start | best | end |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| variant | steps | stopped | best step | tokens seen | corpus epochs | seconds | validation | loss start "
+                 "| best | end |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for v, m in pretrained.items():
             for name in ("domain", "general"):
                 lines.append(f"| {v} | {m['steps']} | {m['stop_reason']} | {m['best_step']} | {m['tokens_seen']:,} | "
-                             f"{m['seconds']:.0f} | {name} | {m[f'{name}_loss_start']:.3f} | "
+                             f"{m['corpus_epochs']:.2f} | {m['seconds']:.0f} | {name} | "
+                             f"{m[f'{name}_loss_start']:.3f} | "
                              f"{m[f'{name}_loss_best']:.3f} | {m[f'{name}_loss_end']:.3f} |")
         sections.append([*lines, "", "![DAPT validation loss](figures/dapt_loss.png)", ""])
     sections.append(["## Errors", "", "Row-normalised confusion matrices, test predictions of every seed together"

@@ -136,14 +136,15 @@ def fabricate(project) -> None:
             m.update(variant=variant, seed=seed, labels=CLASSES, dev_macro_f1=0.5, mlflow_run_id=None)
             if at is not None:
                 m.update(dapt_percent=at, snapshot={"percent": at, "reached": True, "step": at * 2,
-                                                    "tokens_seen": at * 2 * 2048, "device_hours": at / 1000,
-                                                    "device": "cpu"})
+                                                    "tokens_seen": at * 2 * 2048, "corpus_epochs": at / 80,
+                                                    "device_hours": at / 1000, "device": "cpu"})
             write_run(project, run_name(variant, seed, at), m,
                       [{"id": i, "label": y, "pred": p} for i, (y, p) in enumerate(zip(gold, pred))])
     project.metrics.mkdir()
     for v, general_end in (("domain", 5.5), ("domain_novocab", 5.4)):
         (project.metrics / f"pretrain_{v}.json").write_text(json.dumps({
-            "stop_reason": "max_steps", "steps": 200, "best_step": 200, "tokens_seen": 409600, "seconds": 360.0,
+            "stop_reason": "max_steps", "steps": 200, "best_step": 200, "tokens_seen": 409600, "corpus_epochs": 1.25,
+            "seconds": 360.0,
             "device_hours": 0.1, "device": "cpu", "domain_loss_start": 6.0, "domain_loss_best": 4.0,
             "domain_loss_end": 4.0, "general_loss_start": 5.0 + (v == "domain") * 0.1, "general_loss_best": general_end,
             "general_loss_end": general_end}))
@@ -166,7 +167,8 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     lines = report.splitlines()
     assert lines[2].startswith("**The domain-adapted model is significantly better: domain - general macro-F1 = +0.")
     assert "paired bootstrap over 150 test texts x 3 seeds" in lines[2]
-    assert "Pretraining hit its step limit (200 steps)" in report
+    assert "Pretraining hit its budget (200 steps, 409,600 tokens, 1.25 corpus epochs)" in report
+    assert "| domain | 200 | max_steps | 200 | 409,600 | 1.25 | 360 | domain |" in report
     general = [json.loads((project.finetune / f"general-{s}" / "metrics.json").read_text())["test_macro_f1"]
                for s in SEEDS]
     assert f"| general | 3 | {sum(general) / 3:.3f} +- " in report and "| TF-IDF + LR (reference) | - |" in report
@@ -175,8 +177,8 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     assert "| domain after DAPT (step 200) | 5.500 | 244.7 | +0.500 (+10.0%) |" in report
     assert "General loss *fell*" not in report  # it rose in both runs
     # adaptation curve: two snapshots and the final model, with their compute; the last stretch still pays
-    assert "| 0% | 0 | 0 | 0 (cpu) |" in report and "| 50% | 100 | 204,800 | 0.05 (cpu) |" in report
-    assert "| final (step 200, max_steps) | 200 | 409,600 | 0.1 (cpu) |" in report
+    assert "| 0% | 0 | 0 | 0 | 0 (cpu) |" in report and "| 50% | 100 | 204,800 | 0.625 | 0.05 (cpu) |" in report
+    assert "| final (step 200, max_steps) | 200 | 409,600 | 1.25 | 0.1 (cpu) |" in report
     assert "From step 100 to step 200 of DAPT, macro-F1 changed by +0." in report and "still rising at the end" in report
     assert "`licensor` (1,270x, 3 pieces before)" in report
     for name in ("scores", "confusion", "adaptation_curve", "dapt_loss", "fertility"):

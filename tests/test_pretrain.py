@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, TrainingArguments
 
-from stages import mlm, pretrain
+from stages import blocks, mlm, pretrain
 from stages.mlm import compile_regions, encoder_layers, mlm_head
-from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, \
-    pack, run
+from stages.mlm import pack
+from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, run
 from stages.common import write_json
-from tests.conftest import CORPUS, write_jsonl
+from tests.conftest import CORPUS, write_jsonl, write_parquet_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,10 +219,46 @@ def test_stage_trains_and_reports(project, family, compiled, bf16_weights, reque
     index = json.loads((project.snapshot_dir("domain", 0).parent / "snapshots.json").read_text())
     assert [(k, v["step"], v["reached"]) for k, v in index.items()] == [("0", 0, True), ("50", 3, True)]
     assert index["50"]["tokens_seen"] == 3 * P.batch_size * P.max_seq_length and index["50"]["device_hours"] > 0
+    train_blocks = json.loads((project.metrics / "pretrain_domain.json").read_text())["train_blocks"]
+    assert index["50"]["corpus_epochs"] == pytest.approx(3 * P.batch_size / train_blocks)
     at0, at50 = (AutoModelForMaskedLM.from_pretrained(project.snapshot_dir("domain", pct)) for pct in (0, 50))
     assert torch.equal(query(at0), query(start))
     assert not torch.equal(query(at50), query(start)) and not torch.equal(query(at50), query(trained))
     assert AutoTokenizer.from_pretrained(project.snapshot_dir("domain", 50))
+
+
+def test_an_epoch_budget_with_replay_reports_tokens_and_corpus_epochs(project, tiny_bert, tmp_path):
+    """Budgets in epochs and evaluation in tokens resolve to steps on the data; the metrics and MLflow say how
+    many tokens and corpus epochs the model saw, and which budget stopped it."""
+    import mlflow
+
+    prepare(tmp_path, project, tiny_bert)
+    write_parquet_shards(project.general_train, [{"id": f"g{i}", "text": t} for i, t in enumerate(reversed(CORPUS))])
+    p = P.model_copy(update={"max_steps": 100, "max_epochs": 0.5, "eval_steps": None, "eval_tokens": 128.0,
+                             "general_replay": 0.25, "head_warmup_steps": 0, "snapshots": []})
+    run(p, project, "domain")
+    m = json.loads((project.metrics / "pretrain_domain.json").read_text())
+    tok = AutoTokenizer.from_pretrained(project.init_dir("domain"))
+    domain = len(pack(tok, CORPUS * 3, P.max_seq_length))
+    assert m["train_blocks"] == domain + round(domain / 3)  # a quarter of the mix is general text
+    assert m["budget"] == "max_epochs" and m["steps"] == math.ceil(0.5 * m["train_blocks"] / P.batch_size) < 100
+    assert m["tokens_seen"] == m["steps"] * P.batch_size * P.max_seq_length
+    assert m["corpus_epochs"] == pytest.approx(m["steps"] * P.batch_size / m["train_blocks"]) and \
+        0.5 <= m["corpus_epochs"] < 0.5 + P.batch_size / m["train_blocks"]
+    steps = [int(r.split(",")[0]) for r in (project.metrics / "pretrain_domain_curve.csv").read_text().split()[1:]]
+    assert steps[:3] == [0, 2, 4]  # 128 tokens = 2 steps of 4 x 16
+    [run_] = mlflow.search_runs(experiment_names=["dapt"], output_format="list", filter_string="tags.stage = 'pretrain'")
+    assert run_.data.metrics["corpus_epochs"] == pytest.approx(m["corpus_epochs"]) and run_.data.tags["budget"] == \
+        "max_epochs" and run_.data.metrics["tokens_seen"] == m["tokens_seen"]
+
+
+def test_tokenize_only_fills_the_cache_the_stage_then_reads(project, tiny_bert, tmp_path, monkeypatch):
+    prepare(tmp_path, project, tiny_bert)
+    pretrain.tokenize_only(P, project, "domain")
+    assert len(list((project.checkpoints / "domain" / "tokens").glob("*/tokens.json"))) == 3  # train + 2 validation
+    monkeypatch.setattr(blocks, "tokenize_units", lambda *a, **k: pytest.fail("tokenised again"))
+    run(P, project, "domain")
+    assert json.loads((project.metrics / "pretrain_domain.json").read_text())["steps"] == P.max_steps
 
 
 def test_snapshots_a_run_never_reached_get_its_final_model(tmp_path, tok):
@@ -298,20 +334,26 @@ def test_whole_word_masking_selects_whole_words(family, tiny_bert, tiny_roberta)
 def test_replay_mixes_the_configured_share():
     domain, general = torch.zeros(300, 4, dtype=torch.long), torch.ones(50, 4, dtype=torch.long)
     mixed = pretrain.with_replay(domain, general, 0.25, seed=0)
-    assert len(mixed) == 400 and mixed[:, 0].sum() == 100
-    assert torch.equal(mixed, pretrain.with_replay(domain, general, 0.25, seed=0))
+    assert len(mixed) == 400 and sum(int(mixed[i][0]) for i in range(400)) == 100
+    again = pretrain.with_replay(domain, general, 0.25, seed=0)
+    assert all(torch.equal(mixed[i], again[i]) for i in range(400))
     assert pretrain.with_replay(domain, general, 0.0, seed=0) is domain
 
 
-def test_blocks_are_cached_per_tokenizer_and_text(tok, tmp_path, monkeypatch):
-    path = tmp_path / "t.jsonl"
-    write_jsonl(path, [{"id": "0", "text": " ".join(CORPUS)}])
-    first = pretrain.cached_blocks(tok, path, 16, tmp_path / "cache")
-    with monkeypatch.context() as m:
-        m.setattr(pretrain, "pack", lambda *a: pytest.fail("packed again"))
-        assert torch.equal(pretrain.cached_blocks(tok, path, 16, tmp_path / "cache"), first)
-    write_jsonl(path, [{"id": "0", "text": " ".join(reversed(CORPUS))}])
-    assert not torch.equal(pretrain.cached_blocks(tok, path, 16, tmp_path / "cache"), first)
+def test_budgets_in_tokens_and_epochs_resolve_to_the_first_reached():
+    p = P.model_copy(update={"max_steps": None, "max_tokens": 640.0})  # 64 tokens a step (4 x 16) per process
+    assert p.resolve(100, 1)[0].max_steps == 10 and p.resolve(100, 2)[0].max_steps == 5
+    p = P.model_copy(update={"max_steps": 50, "max_epochs": 2.0})  # 100 blocks, 4 a step: 50 steps an epoch... x2
+    assert p.resolve(100, 1) [1] == "max_steps" and p.resolve(100, 1)[0].max_steps == 50
+    assert p.resolve(40, 1)[1] == "max_epochs" and p.resolve(40, 1)[0].max_steps == 20
+    p = P.model_copy(update={"eval_steps": None, "eval_tokens": 200.0})
+    assert p.resolve(100, 1)[0].eval_steps == 3  # 200 / 64 rounded
+    with pytest.raises(ValueError, match="set a budget"):
+        PretrainParams.model_validate({**P.model_dump(), "max_steps": None})
+    with pytest.raises(ValueError, match="one of eval_steps and eval_tokens"):
+        PretrainParams.model_validate({**P.model_dump(), "eval_tokens": 1000})
+    with pytest.raises(ValueError, match="fall on the same step"):
+        P.model_copy(update={"max_steps": None, "max_tokens": 64.0, "snapshots": [0, 50]}).resolve(100, 1)
 
 
 def test_checkpoints_hold_each_tied_tensor_once(tiny_roberta):
@@ -378,7 +420,9 @@ LONG = P.model_copy(update={"max_steps": 160, "save_steps": 20, "eval_steps": 40
 
 def prepare(root: Path, project, model_dir: Path) -> None:
     """Data and starting model of a stage run under `root` (the project's relative paths)."""
-    write_jsonl(root / project.domain_train, [{"id": str(i), "text": t} for i, t in enumerate(CORPUS * 3)])
+    # training text as clean writes it: Parquet shards (two, so blocks cross a shard boundary)
+    write_parquet_shards(root / project.domain_train, [{"id": str(i), "text": t} for i, t in enumerate(CORPUS * 3)],
+                         shard_docs=40)
     write_jsonl(root / project.domain_valid, [{"id": "v", "text": " ".join(CORPUS)}])
     write_jsonl(root / project.general_valid, [{"id": "g", "text": " ".join(reversed(CORPUS))}])
     torch.manual_seed(0)  # the tiny BERT has no MLM head: every run must start from the same new one
