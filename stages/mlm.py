@@ -11,15 +11,12 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
-
-if TYPE_CHECKING:  # only a type: this module imports no more than torch and transformers
-    from stages.pretrain import PretrainParams
 
 # ---------------------------------------------------------------------------------------------------
 # data: documents packed into full blocks
@@ -313,7 +310,17 @@ def master_weights(args: TrainingArguments) -> tuple[type, dict]:
     return MasterWeightAdamW, kwargs
 
 
-def training_args(p: PretrainParams, out: Path, lr: float, steps: int, warmup: float, seed: int,
+class TrainerSettings(Protocol):
+    """What `training_args` reads of its settings: `stages.pretrain.PretrainParams` has them (this library does not
+    import the stage that uses it), and so does the benchmarks' namespace."""
+
+    batch_size: int
+    weight_decay: float
+    save_steps: int
+    dataloader_workers: int
+
+
+def training_args(p: TrainerSettings, out: Path, lr: float, steps: int, warmup: float, seed: int,
                   save: bool, autocast: bool = True) -> TrainingArguments:
     """`stages.pretrain`'s Trainer settings, shared by its two phases and by `benchmarks/bf16_weights_learning.py`;
     bf16 autocast (unless the weights are bf16 themselves), fused AdamW and pinned memory where there is a GPU."""
