@@ -32,7 +32,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from stages.common import atomic_path, iter_jsonl, text_shards
+from stages.common import atomic_path, file_digest, iter_jsonl, text_parquet, text_shards
 
 log = logging.getLogger("dapt")
 
@@ -67,8 +67,7 @@ def corpus_key(tok: PreTrainedTokenizerBase, files: list[Path]) -> str:
     h.update(Path(__file__).read_bytes())
     for f in files:
         h.update(f.name.encode())
-        with f.open("rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha1").digest())
+        h.update(file_digest(f))
     return h.hexdigest()[:16]
 
 
@@ -82,10 +81,7 @@ def read_unit(file: str, group: int) -> list:
             if "text" not in row:
                 raise ValueError(f"pretrain: {file}: row {i + 1}: no 'text' field (fields: {', '.join(row)})")
         return [row["text"] for row in rows]
-    shard = pq.ParquetFile(file)
-    if "text" not in shard.schema_arrow.names:
-        raise ValueError(f"pretrain: {file}: no 'text' column (columns: {', '.join(shard.schema_arrow.names)})")
-    return shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
+    return text_parquet(Path(file)).read_row_group(group, columns=["text"]).column("text").to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------

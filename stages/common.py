@@ -7,7 +7,9 @@ Nothing here knows about a particular stage; a stage module declares its own par
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -277,6 +279,28 @@ def text_shards(path: Path) -> list[Path]:
     return [path]
 
 
+def text_parquet(shard: Path) -> pq.ParquetFile:
+    """A Parquet shard of a text corpus, opened; an error naming it when it has no `text` column."""
+    file = pq.ParquetFile(shard)
+    if "text" not in file.schema_arrow.names:
+        raise ValueError(f"{shard}: no 'text' column (columns: {', '.join(file.schema_arrow.names)})")
+    return file
+
+
+def file_digest(path: Path) -> bytes:
+    """The sha1 of a file's bytes, read in chunks (a shard can be gigabytes). Remembered in this process while the
+    file keeps its size and modification time: pretrain's resume fingerprint and its token cache key then read a
+    corpus once, not twice."""
+    stat = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").digest()
+
+
 def iter_texts(path: Path, batch_size: int = ROW_GROUP_DOCS) -> Iterator[list[str]]:
     """The `text` of every document of a corpus (`text_shards`: Parquet shards or a JSONL file), in order, in
     lists of at most `batch_size`: a reader never holds more than one batch."""
@@ -284,10 +308,7 @@ def iter_texts(path: Path, batch_size: int = ROW_GROUP_DOCS) -> Iterator[list[st
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for shard in text_shards(path):
         if shard.suffix == ".parquet":
-            file = pq.ParquetFile(shard)
-            if "text" not in file.schema_arrow.names:
-                raise ValueError(f"{shard}: no 'text' column (columns: {', '.join(file.schema_arrow.names)})")
-            for record_batch in file.iter_batches(batch_size=batch_size, columns=["text"]):
+            for record_batch in text_parquet(shard).iter_batches(batch_size=batch_size, columns=["text"]):
                 if record_batch.num_rows:
                     yield record_batch.column("text").to_pylist()
             continue

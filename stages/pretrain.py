@@ -68,8 +68,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenize
 from stages import tracking
 from stages import blocks, mlm
 from stages.blocks import TokenBlocks, separator_ids, tokenize_corpus
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, text_shards, \
-    write_json, write_text
+from stages.common import Paths, Section, atomic_path, file_digest, load_params, load_paths, log, setup_logging, \
+    text_shards, write_json, write_text
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
     full_precision, master_weights, own_head_parameters, training_args
 
@@ -364,8 +364,7 @@ def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) ->
     files = [*files, Path(__file__), Path(mlm.__file__), Path(blocks.__file__)]
     for f in sorted(files):
         h.update(str(f).encode())
-        with f.open("rb") as fh:  # in chunks: a corpus shard can be gigabytes
-            h.update(hashlib.file_digest(fh, "sha1").digest())
+        h.update(file_digest(f))  # in chunks, and once: the token cache's key reuses it
     return h.hexdigest()
 
 

@@ -197,3 +197,21 @@ def test_datasets_reads_the_shards(tmp_path):
     ds = datasets.load_dataset("parquet", data_files=[str(s) for s in text_shards(tmp_path / "train")],
                                split="train", cache_dir=str(tmp_path / "cache"))
     assert ds.column_names == ["id", "text"] and ds["text"] == [d["text"] for d in docs(7)]
+
+
+def test_file_digest_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from stages import common
+
+    path = tmp_path / "shard.parquet"
+    path.write_bytes(b"first")
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: reads.append(name) or real(f, name))
+    first = common.file_digest(path)
+    assert first == hashlib.sha1(b"first").digest() and common.file_digest(path) == first and len(reads) == 1
+    path.write_bytes(b"other")  # same size: the new modification time tells it apart
+    os.utime(path, ns=(1, 1))
+    assert common.file_digest(path) == hashlib.sha1(b"other").digest() and len(reads) == 2
