@@ -1,9 +1,10 @@
 """Pretraining text as token blocks through 🤗 datasets: tokenised once into Arrow files, read lazily.
 
-`tokenize_corpus` reads a corpus (a JSONL file, or a folder of Parquet or JSONL shards as `clean` writes it) with
-`datasets`, and tokenises it with `Dataset.map(batched=True, num_proc=...)` into Arrow files: each document's
-token ids followed by a separator, in corpus order, as uint16 where the vocabulary fits (2 bytes a token). The
-folder is keyed by a hash of the tokenizer, this module and every input file, each hashed as a stream.
+`tokenize_corpus` tokenises a corpus (a folder of Parquet shards as `clean` writes it, or a JSONL file) with
+`Dataset.map(batched=True, num_proc=...)` over its row groups, each read straight from its shard, into Arrow files:
+each document's token ids followed by a separator, in corpus order, as uint16 where the vocabulary fits (2 bytes
+a token). The folder is keyed by a hash of the tokenizer, this module and every input file, each hashed as a
+stream.
 
 `TokenBlocks` serves block i as `[CLS] + stream[i * (L - 1) : (i + 1) * (L - 1)]`, a fixed window over the
 concatenated token stream: the same blocks `mlm.pack` builds in memory (documents joined by one separator, no
@@ -218,5 +219,6 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 def token_blocks(tok: PreTrainedTokenizerBase, source: Path, block: int, cache: Path,
                  num_proc: int | None = None) -> TokenBlocks:
-    """`TokenBlocks` of `source`, tokenised into `cache` by the first process to get here."""
+    """`TokenBlocks` of `source`, tokenised into `cache` unless already there; in one process (several share the
+    work through `stages.pretrain.shared_blocks`)."""
     return TokenBlocks(tokenize_corpus(tok, source, cache, num_proc), block, separator_ids(tok)[0])
