@@ -235,7 +235,9 @@ def test_an_epoch_budget_with_replay_reports_tokens_and_corpus_epochs(project, t
     prepare(tmp_path, project, tiny_bert)
     write_parquet_shards(project.general_train, [{"id": f"g{i}", "text": t} for i, t in enumerate(reversed(CORPUS))])
     p = P.model_copy(update={"max_steps": 100, "max_epochs": 0.5, "eval_steps": None, "eval_tokens": 128.0,
-                             "general_replay": 0.25, "head_warmup_steps": 0, "snapshots": []})
+                             "general_replay": 0.25, "head_warmup_steps": 0, "snapshots": [],
+                             # the budget, not early stopping, must end it whatever the tiny model's losses do
+                             "patience": 1000, "max_general_degradation": 1000.0})
     run(p, project, "domain")
     m = json.loads((project.metrics / "pretrain_domain.json").read_text())
     tok = AutoTokenizer.from_pretrained(project.init_dir("domain"))
