@@ -38,7 +38,8 @@ def child(source: str, out: str) -> None:
     context = task_texts(paths.task)
     work = Path(tempfile.mkdtemp(prefix="clean-bench-"))
     try:
-        _, stats, seconds = filter_and_dedup(p, Path(source), work / "domain", work / "samples", context, True)
+        _, stats, seconds = filter_and_dedup(p, "domain", Path(source), work / "domain", work / "samples", context,
+                                             True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     files = sorted(Path(source).glob("*.jsonl"))

@@ -1,8 +1,9 @@
 """clean: normalise, filter, deduplicate (exact and near) and decontaminate the domain text; split train/valid.
 
 The blocks are datatrove pipeline steps (`stages.filters`), listed in order under `clean.steps` in params.yaml;
-each can be switched off. The corpus streams through them shard by shard on datatrove's executors, the
-way FineWeb was built:
+each can be switched off. `clean.preset` (web, scientific, legal: `stages.filters.PRESETS`) supplies the quality
+steps' thresholds for that kind of text; a key written under `clean.steps.<step>` overrides the preset's. The
+corpus streams through them shard by shard on datatrove's executors, the way FineWeb was built:
 
 1. filter:  read shards -> steps -> write survivors -> exact-dedup signatures
 2. exact:   find exact duplicates (hash of the case- and space-normalised text) -> drop them -> MinHash signatures
@@ -12,6 +13,9 @@ way FineWeb was built:
 The training text (domain, and general for replay) is written as a folder of zstd Parquet shards,
 `part-00000.parquet`, ... of `shard_docs` documents each, with columns `id` and `text`: what 🤗 `datasets`
 reads in parallel (`stages.common.iter_texts` streams it too). The validation sets stay small JSONL files.
+
+A phase that fails raises a `CleanStepError` naming the phase and the corpus it was cleaning (domain or general,
+and its input path): the intermediate files it names are gone by then.
 
 Every drop has a named reason: per-reason counts go to `metrics/clean.json` and MLflow, and the first
 `dropped_samples` documents of each reason to `reports/clean/dropped_<step>_<reason>.jsonl`. `reports/clean/
@@ -25,6 +29,7 @@ Run: `dvc repro clean` (or `python -m stages.clean`).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import shutil
@@ -40,8 +45,9 @@ from pydantic import Field, model_validator
 
 from stages import tracking
 from stages.common import Paths, Section, TextShardWriter, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_logging, write_json
-from stages.filters import Decontaminate, build_steps, check_steps, fingerprint, named, plain_row
+    setup_stage, write_json
+from stages.filters import PRESETS, Decontaminate, build_steps, check_steps, fingerprint, named, plain_row, \
+    preset_steps
 
 
 class NearDedupParams(Section):
@@ -61,6 +67,8 @@ class ExecutorParams(Section):
 
 
 class CleanParams(Section):
+    # the thresholds of the quality steps for a kind of text; "web" (the published FineWeb ones) when not given
+    preset: Literal[tuple(PRESETS)] = "web"
     steps: dict[str, dict[str, Any] | None]
     exact_dedup: bool = True
     near_dedup: NearDedupParams = NearDedupParams()
@@ -74,8 +82,13 @@ class CleanParams(Section):
 
     @model_validator(mode="after")
     def _steps(self) -> CleanParams:
-        check_steps(self.steps)
+        check_steps(self.pipeline_steps)
         return self
+
+    @property
+    def pipeline_steps(self) -> dict[str, dict[str, Any]]:
+        """What runs: `steps` in order, each with the preset's options under the ones written in params.yaml."""
+        return preset_steps(self.preset, self.steps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,12 +108,14 @@ def dedup_key(doc) -> bytes:
 
 
 def shards(path: Path) -> tuple[str, str]:
-    """A JSONL file, or a folder of them, as datatrove's (data_folder, glob_pattern)."""
+    """A JSONL file, or a folder of them, as datatrove's (data_folder, glob_pattern). The folder is absolute:
+    fsspec caches a filesystem per path string, and a relative one would keep reading the first working
+    directory's files in a process that cleans in another (the tests do)."""
     if path.is_dir():
-        return str(path), "*.jsonl"
+        return str(path.resolve()), "*.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"clean: input {path} does not exist; run `dvc repro ingest` first")
-    return str(path.parent), path.name
+    return str(path.parent.resolve()), path.name
 
 
 def executor(p: ExecutorParams, pipeline: list, logs: Path, tasks: int | None = None):
@@ -157,14 +172,30 @@ def iter_rank_files(folder: Path) -> Iterator[dict]:
     yield from heapq.merge(*(rows(f) for f in files), key=lambda d: (d["metadata"]["src"], d["metadata"]["line"]))
 
 
+class CleanStepError(RuntimeError):
+    """A cleaning phase failed; the message names the phase and the user's corpus, not just a temporary path."""
+
+
+@contextlib.contextmanager
+def failing_step(step: str, corpus: str, source: Path) -> Iterator[None]:
+    """Re-raises an error inside `step` as a `CleanStepError` that names the step, the corpus and its input."""
+    try:
+        yield
+    except CleanStepError:
+        raise
+    except Exception as e:
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise CleanStepError(f"clean: step {step!r} failed on the {corpus} corpus ({source}): {detail}") from e
+
+
 # ---------------------------------------------------------------------------------------------------
 # the four phases
 
 
-def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, context: dict,
+def filter_and_dedup(p: CleanParams, corpus: str, source: Path, work: Path, samples: Path | None, context: dict,
                      dedup: bool, skip: tuple[str, ...] = ()) -> tuple[Path, dict, dict[str, float]]:
-    """Runs the steps and the dedup phases on `source`; returns the folder of survivors, the stats and the
-    seconds each phase took."""
+    """Runs the steps and the dedup phases on `source` (the `corpus`: domain or general); returns the folder of
+    survivors, the stats and the seconds each phase took."""
     from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, \
         MinhashDedupFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, \
@@ -186,17 +217,19 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
 
     def phase(name: str, pipeline: list, n_tasks: int = tasks, output: str | None = None) -> bool:
         """Runs one phase; False when it left no documents (the later phases have nothing to read)."""
-        start = time.perf_counter()
-        executor(p.executor, pipeline, work / "logs" / name, n_tasks).run()
-        seconds[name] = time.perf_counter() - start
-        stats.update(step_stats(work / "logs" / name))
-        if output is None:
-            return True
-        # a task whose documents were all dropped writes no file; an empty one keeps file i = task i for the
-        # next phase's reader, whose dedup decisions are indexed by task
-        for rank in range(n_tasks):
-            (work / output / f"{rank:05d}.jsonl").touch()
-        return any(f.stat().st_size for f in (work / output).glob("*.jsonl"))
+        with failing_step(name, corpus, source):
+            start = time.perf_counter()
+            executor(p.executor, pipeline, work / "logs" / name, n_tasks).run()
+            seconds[name] = time.perf_counter() - start
+            stats.update(step_stats(work / "logs" / name))
+            if output is None:
+                return True
+            # a task whose documents were all dropped writes no file; an empty one keeps file i = task i for the
+            # next phase's reader, whose dedup decisions are indexed by task
+            (work / output).mkdir(parents=True, exist_ok=True)
+            for rank in range(n_tasks):
+                (work / output / f"{rank:05d}.jsonl").touch()
+            return any(f.stat().st_size for f in (work / output).glob("*.jsonl"))
 
     def write(name: str):
         return JsonlWriter(str(work / name), output_filename="${rank}.jsonl", compression=None, adapter=plain_row)
@@ -211,16 +244,15 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
                          hashes_per_bucket=p.near_dedup.rows, seed=p.near_dedup.seed,
                          norm_config=TextNormConfig(norm_unicode_diacritics=p.near_dedup.strip_diacritics))
     tail = [ExactDedupSignature(str(work / "exact_sigs"), exact)] if dedup and p.exact_dedup else []
-    steps = build_steps(p.steps, context, samples, p.dropped_samples, skip)
-    (work / "filtered").mkdir(parents=True)
+    steps = build_steps(p.pipeline_steps, context, samples, p.dropped_samples, skip)
     if not phase("filter", [read(folder, glob_pattern=glob, adapter=read_doc), *steps, write("filtered"),
                             *tail], output="filtered"):
         return work / "filtered", stats, seconds
     current = "filtered"
     if dedup and p.exact_dedup:
         phase("exact_find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1)
-        drop = ExactDedupFilter(str(work / "exact_dups"), exact, DropSampleWriter(samples / "exact_dedup", p.dropped_samples,
-                                                                                  UNNAMED["exact_dedup"]))
+        drop = ExactDedupFilter(str(work / "exact_dups"), exact,
+                                DropSampleWriter(samples / "exact_dedup", p.dropped_samples, UNNAMED["exact_dedup"]))
         named(drop, "exact_dedup")
         if not phase("exact_filter", [read(work / current), drop, write("exact")], output="exact"):
             return work / "exact", stats, seconds
@@ -233,9 +265,14 @@ def filter_and_dedup(p: CleanParams, source: Path, work: Path, samples: Path, co
               near.num_buckets)
         phase("near_cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=near,
                                                    save_cluster_id=True)], 1)
-        for rank in range(tasks):
-            # datatrove skips a task with no removals before it loads cluster ids: the report needs them
-            (work / "mh_remove" / f"{rank:06d}.remove").touch()
+        with failing_step("near_cluster", corpus, source):
+            # datatrove writes no files (not even the folder) for a task without near-duplicates, which a curated
+            # corpus has none of; its filter then skips the task before it loads the cluster ids the report needs,
+            # or fails for want of a .clusters file: empty ones say "nothing to remove" to both
+            (work / "mh_remove").mkdir(parents=True, exist_ok=True)
+            for rank in range(tasks):
+                for suffix in ("remove", "clusters"):
+                    (work / "mh_remove" / f"{rank:06d}.{suffix}").touch()
         drop = MinhashDedupFilter(str(work / "mh_remove"), DropSampleWriter(samples / "near_dedup", p.dropped_samples,
                                                                    UNNAMED["near_dedup"]),
                                   load_cluster_ids=True)
@@ -370,12 +407,14 @@ def _excerpt(text: str, n: int = 300) -> str:
     return (text[:n] + " ...") if len(text) > n else text
 
 
-def report(metrics: dict, pairs: list[dict], sample_files: dict[str, Path]) -> str:
+def report(metrics: dict, pairs: list[dict], sample_files: dict[str, Path], preset: str) -> str:
     d = metrics["domain"]
     lines = ["# Cleaning report", "",
              f"Domain: {d['input_docs']:,} documents in ({d['input_mb']:.1f} MB), {d['kept']:,} kept "
              f"({metrics['domain_train_docs']:,} train, {metrics['domain_valid_docs']:,} validation). "
              f"General: {metrics['general']['input_docs']:,} in, {metrics['general_valid_docs']:,} used.", "",
+             f"Thresholds: preset `{preset}` (stages/filters.py `PRESETS`), under the keys written in params.yaml "
+             f"`clean.steps`. Another kind of text: `dvc exp run -S clean.preset=<{' | '.join(PRESETS)}>`.", "",
              "## Drops by step and reason (domain, in pipeline order)", "",
              "| step | reason | documents | sample |", "|---|---|---|---|"]
     for step, reasons in d["dropped"].items():
@@ -417,13 +456,14 @@ def run(p: CleanParams, paths: Paths) -> None:
         out_dir = paths.reports / "clean"
         parent = Path(p.work_dir) if p.work_dir else paths.domain_train.parent
         parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".clean-", dir=parent))
+        work = Path(tempfile.mkdtemp(prefix=".clean-", dir=parent)).resolve()  # absolute: see `shards`
         try:
             context = task_texts(paths.task)
             samples = work / "samples"
-            domain_out, domain_stats, _ = filter_and_dedup(p, paths.raw_domain, work / "domain", samples, context, True)
-            general_out, general_stats, _ = filter_and_dedup(p, paths.raw_general, work / "general", None, context,
-                                                          False, skip=("decontaminate",))
+            domain_out, domain_stats, _ = filter_and_dedup(p, "domain", paths.raw_domain, work / "domain", samples,
+                                                           context, True)
+            general_out, general_stats, _ = filter_and_dedup(p, "general", paths.raw_general, work / "general", None,
+                                                             context, False, skip=("decontaminate",))
             metrics: dict[str, Any] = {}
             for name, source, stats in (("domain", paths.raw_domain, domain_stats),
                                         ("general", paths.raw_general, general_stats)):
@@ -448,7 +488,7 @@ def run(p: CleanParams, paths: Paths) -> None:
                 pairs = near_pairs(samples, domain_out)
                 (tmp / "near_duplicates.jsonl").write_text(
                     "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs), encoding="utf-8")
-                (tmp / "report.md").write_text(report(metrics, pairs, sample_files), encoding="utf-8")
+                (tmp / "report.md").write_text(report(metrics, pairs, sample_files, p.preset), encoding="utf-8")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write_json(paths.metrics / "clean.json", metrics)
@@ -458,7 +498,7 @@ def run(p: CleanParams, paths: Paths) -> None:
 
 
 def main() -> None:
-    setup_logging()
+    setup_stage()
     run(load_params("clean", CleanParams), load_paths())
 
 

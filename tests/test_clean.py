@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from stages.clean import CleanParams, is_validation, run
+from stages.clean import CleanParams, CleanStepError, is_validation, run
 from stages.common import iter_texts, text_shards
-from stages.filters import fingerprint
+from stages.filters import Normalise, fingerprint
 from tests.conftest import write_jsonl
 
 STEPS = {"size": {"max_chars": 5000}, "normalise": {}, "length": {"min_words": 5},
@@ -27,16 +27,21 @@ def params(**overrides) -> CleanParams:
     return CleanParams(**{**base, **overrides})
 
 
-def make_project(project, extra_domain=()) -> None:
-    # 60 distinct documents: 30 words drawn from a 400-word vocabulary each, so no two are near-duplicates
-    domain = [{"id": f"d{i}", "text": " ".join(random.Random(i).choices(WORDS, k=30)) + f" doc {i}."}
-              for i in range(60)]
+def distinct_docs(n: int = 60) -> list[dict]:
+    """`n` documents of 30 words drawn from a 400-word vocabulary each, so no two are near-duplicates."""
+    return [{"id": f"d{i}", "text": " ".join(random.Random(i).choices(WORDS, k=30)) + f" doc {i}."} for i in range(n)]
+
+
+def make_project(project, extra_domain=(), duplicates=("copy", "near")) -> None:
+    domain = distinct_docs()
+    copies = {"copy": {"id": "copy", "text": domain[3]["text"].upper()},  # exact duplicate, case aside
+              "near": {"id": "near", "text": domain[5]["text"].replace("doc 5.", "document number five.")}}
     domain += [
         {"id": "short", "text": "too short"},
-        {"id": "copy", "text": domain[3]["text"].upper()},  # exact duplicate, case aside
-        {"id": "near", "text": domain[5]["text"].replace("doc 5.", "document number five.")},  # near duplicate
+        *(copies[name] for name in duplicates),
         {"id": "leak", "text": "The held out test NOTICE says  nothing else at all here"},
-        {"id": "embeds", "text": "Preamble text first, then the held out test notice says nothing else at all, then more."},
+        {"id": "embeds",
+         "text": "Preamble text first, then the held out test notice says nothing else at all, then more."},
         {"id": "huge", "text": "word " * 2000},
         {"id": "blank", "text": "  "},
         *extra_domain,
@@ -89,6 +94,7 @@ def test_stage_counts_reasons_removes_duplicates_and_leaks(project):
     report = (out / "report.md").read_text()
     assert "| decontaminate | contaminated_ngram | 1 |" in report
     assert "kept: " in report and "removed: " in report and "document numbe" in report
+    assert "Thresholds: preset `web`" in report
 
 
 def test_output_is_identical_across_task_counts_and_runs(project):
@@ -138,6 +144,59 @@ def test_corpus_that_filters_to_nothing_is_a_clear_error(project):
     assert not project.domain_train.exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("duplicates", [("copy",), ("near",), ()], ids=["no_near", "no_exact", "neither"])
+def test_corpus_without_near_or_exact_duplicates_keeps_every_document(project, duplicates):
+    # a curated corpus: datatrove's dedup phases find nothing and write no files, which once crashed the stage
+    make_project(project, duplicates=duplicates)
+    run(params(), project)
+
+    d = json.loads((project.metrics / "clean.json").read_text())["domain"]
+    assert d["input_docs"] == 65 + len(duplicates)
+    assert d["dropped"].get("exact_dedup") == ({"duplicate": 1} if "copy" in duplicates else None)
+    assert d["dropped"].get("near_dedup") == ({"near_duplicate": 1} if "near" in duplicates else None)
+    kept = {r["id"] for r in rows(project.domain_train)} | {
+        json.loads(x)["id"] for x in project.domain_valid.read_text().splitlines()}
+    assert kept == {f"d{i}" for i in range(60)} and d["kept"] == 60  # every distinct document survives
+    if "near" not in duplicates:
+        assert "None found." in (project.reports / "clean" / "report.md").read_text()
+
+
+def test_only_distinct_documents_with_no_filter_drops_all_survive(project):
+    make_project(project)
+    write_jsonl(project.raw_domain / "00000.jsonl", distinct_docs(30))
+    write_jsonl(project.raw_domain / "00001.jsonl", distinct_docs(60)[30:])
+    run(params(), project)
+    metrics = json.loads((project.metrics / "clean.json").read_text())
+    assert metrics["domain"]["dropped"] == {} and metrics["domain"]["kept"] == 60
+    assert metrics["domain_train_docs"] + metrics["domain_valid_docs"] == 60
+
+
+def test_a_failing_phase_names_the_step_and_the_corpus(project, monkeypatch):
+    make_project(project)
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full in /tmp/.clean-x/domain/mh_remove")
+
+    monkeypatch.setattr("datatrove.pipeline.dedup.MinhashDedupCluster.run", broken)
+    with pytest.raises(CleanStepError, match=r"^clean: step 'near_cluster' failed on the domain corpus "
+                                             r"\(data/raw/domain\): OSError: disk full") as info:
+        run(params(), project)
+    assert isinstance(info.value.__cause__, OSError)
+    assert not project.domain_train.exists()
+
+
+def test_a_failing_filter_names_the_phase_and_the_corpus(project, monkeypatch):
+    make_project(project)
+
+    def broken(self, text: str) -> str:
+        raise ValueError("cannot normalise")
+
+    monkeypatch.setattr(Normalise, "format", broken)
+    with pytest.raises(CleanStepError, match=r"step 'filter' failed on the domain corpus \(data/raw/domain\): "
+                                             r"ValueError: cannot normalise"):
+        run(params(executor={"tasks": 1, "workers": 1}), project)
+
+
 def test_split_is_by_hash_not_position():
     fps = [fingerprint(f"doc {i}") for i in range(1000)]
     share = sum(is_validation(fp, 0.1) for fp in fps) / len(fps)
@@ -149,6 +208,19 @@ def test_unknown_step_or_option_names_the_key():
         params(steps={"gopher": {}})
     with pytest.raises(ValidationError, match="clean.steps.size: .*max_char"):
         params(steps={"size": {"max_char": 3}})
+
+
+def test_preset_supplies_thresholds_under_the_params_and_a_bad_one_is_named():
+    p = params(preset="scientific", steps={"gopher_quality": {"min_doc_words": 40}, "language": {"languages": ["en"]}})
+    assert p.steps["gopher_quality"] == {"min_doc_words": 40}  # what params.yaml says, as MLflow logs it
+    assert p.pipeline_steps["gopher_quality"]["min_doc_words"] == 40  # params over the preset
+    assert p.pipeline_steps["gopher_quality"]["max_non_alpha_words_ratio"] == 0.6  # the preset's
+    assert p.pipeline_steps["language"] == {"languages": ["en"], "threshold": 0.5}
+    assert params().preset == "web"
+    with pytest.raises(ValidationError, match="preset"):
+        params(preset="news")
+    with pytest.raises(ValidationError, match="clean.steps.gopher_quality: .*min_doc_word"):
+        params(preset="legal", steps={"gopher_quality": {"min_doc_word": 3}})
 
 
 def test_shard_docs_must_be_positive():

@@ -7,8 +7,9 @@ import pytest
 from datatrove.data import Document
 
 from stages import filters
-from stages.filters import Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, SizeFilter, \
-    StripMarkup, build_steps, check_steps, fingerprint, hashed_words, longer_ngrams, ngrams, plain_row, word_hashes
+from stages.filters import PRESETS, Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, \
+    SizeFilter, StripMarkup, build_steps, check_steps, fingerprint, hashed_words, longer_ngrams, ngrams, plain_row, \
+    preset_steps, word_hashes
 
 
 def doc(text: str) -> Document:
@@ -229,6 +230,112 @@ def test_steps_are_built_in_params_order_and_can_be_switched_off(tmp_path):
 def test_bad_step_params_name_the_key(steps, message):
     with pytest.raises(ValueError, match=message):
         check_steps(steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# presets
+
+QUALITY = {"normalise": {}, "length": {}, "language": {"languages": ["en"]}, "gopher_repetition": {},
+           "gopher_quality": {}, "c4": {}, "fineweb": {}}
+
+
+def first_drop(preset: str, text: str) -> str | None:
+    """`step/reason` of the first quality step of `preset` that drops `text`, or None when all keep it."""
+    d = doc(text)
+    for block in build_steps(preset_steps(preset, QUALITY), {}, None, 0):
+        if hasattr(block, "format"):
+            d.text = block.format(d.text)
+            continue
+        result = block.filter(d)
+        if result is not True:
+            return f"{block.name}/{result[1]}"
+    return None
+
+
+def test_preset_fills_the_listed_steps_and_params_override_it_key_by_key():
+    steps = {"length": {"min_words": 3}, "gopher_quality": None, "c4": {"enabled": False}}
+    resolved = preset_steps("legal", steps)
+    assert list(resolved) == ["length", "gopher_quality", "c4"]  # params order; the preset adds no step
+    assert resolved["length"] == {"min_words": 3, "max_words": 100_000}
+    assert resolved["gopher_quality"]["min_doc_words"] == 8 and resolved["gopher_quality"]["min_stop_words"] == 1
+    assert [b.name for b in build_steps(resolved, {}, None, 0)] == ["length", "gopher_quality"]
+    assert preset_steps("web", {"size": {"max_chars": 9}}) == {"size": {"max_chars": 9}}  # no preset values
+    with pytest.raises(ValueError, match="clean.preset: unknown preset 'news'; known: web, scientific, legal"):
+        preset_steps("news", steps)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_and_a_bad_key_is_still_named(preset):
+    check_steps(preset_steps(preset, QUALITY))
+    with pytest.raises(ValueError, match="clean.steps.gopher_quality: .*min_doc_word"):
+        check_steps(preset_steps(preset, {**QUALITY, "gopher_quality": {"min_doc_word": 3}}))
+
+
+def test_legal_preset_is_what_the_demo_was_tuned_with():
+    # the thresholds params.yaml held before presets: the demo's cleaned output must not change
+    resolved = preset_steps("legal", QUALITY)
+    assert resolved["language"] == {"languages": ["en"], "threshold": 0.65}
+    assert resolved["gopher_repetition"]["min_top_count"] == 2
+    assert {k: resolved["gopher_quality"][k] for k in ("min_doc_words", "max_avg_word_length",
+                                                        "max_symbol_word_ratio", "min_stop_words")} == \
+        {"min_doc_words": 8, "max_avg_word_length": 12, "max_symbol_word_ratio": 0.3, "min_stop_words": 1}
+    assert {k: resolved["c4"][k] for k in ("filter_no_terminal_punct", "min_num_sentences", "filter_curly_bracket",
+                                           "filter_policy")} == \
+        {"filter_no_terminal_punct": False, "min_num_sentences": -1, "filter_curly_bracket": False,
+         "filter_policy": False}
+    assert {k: resolved["fineweb"][k] for k in ("line_punct_thr", "char_duplicates_ratio", "new_line_ratio")} == \
+        {"line_punct_thr": 0.0, "char_duplicates_ratio": 0.1, "new_line_ratio": 0.5}
+
+
+# normal abstracts that the published (web) thresholds drop, and junk every preset drops
+ABSTRACTS = {
+    "statistics": ("Early mobilisation after knee ligament repair.\nWe followed 48 patients aged 16-45 "
+                   "(average 25 +/- 9) for 12 wk. Flexion rose from 62 +/- 14 to 118 +/- 11 degrees (P < .001) and "
+                   "pain fell by 3.1 points (95% CI 2.2-4.0; n = 48). Two patients (4%) needed a second repair. "
+                   "Early mobilisation was safe.", "gopher_quality/gopher_below_alpha_threshold"),
+    "title_restated": ("A two-year experience with cromolyn sodium in children with asthma.\nA two-year experience "
+                       "with cromolyn sodium in children with asthma from an inner city population is presented. The "
+                       "response to the drug at six weeks was excellent, but over two years it was only moderate. "
+                       "Possible reasons are discussed.", "gopher_repetition/top_4_gram"),
+    "terminology": ("Chemical constituents of Echites hirsuta (Apocynaceae).\nA phytochemical investigation of an "
+                    "ethanolic extract of the whole plant of Echites hirsuta yielded the flavonoids naringenin, "
+                    "aromadendrin and kaempferol, the coumarin fraxetin, the triterpene ursolic acid and sitosteryl "
+                    "glucoside.", "language/not_en"),  # lid.176 scores it 0.55 English
+}
+JUNK = {
+    "table": ("Table 2. Serum levels by week.\n12.1 13.4 15.6 18.2 19.9 21.0\n0.45 0.51 0.62 0.70 0.74 0.81\n"
+              "102 118 131 140 152 167\n3.3 3.9 4.4 5.0 5.6 6.1\n7 9 12 15 18 22",
+              "gopher_quality/gopher_below_alpha_threshold"),
+    "german": ("Frühe Mobilisation nach Kreuzbandplastik.\nWir untersuchten 48 Patienten im Alter von 16 bis 45 "
+               "Jahren. Die Beugung des Knies verbesserte sich deutlich, und die Schmerzen nahmen nach sechs "
+               "Wochen ab. Zwei Patienten benötigten eine zweite Operation. Die frühe Mobilisation war sicher "
+               "und wirksam.",
+               "language/not_en"),
+    "errata": ("Erratum regarding previously published articles.\n"
+               + "".join(f"[This corrects the article DOI: 10.1016/j.jx.2020.1001{i:02d}.]" for i in range(10)),
+               "gopher_repetition/top_3_gram"),
+    "spam": ("Buy cheap meds online. Cheap meds online now. Buy cheap meds online today. Cheap meds online best "
+             "price. Buy cheap meds online fast. Cheap meds online here. Buy cheap meds online.",
+             "gopher_repetition/top_2_gram"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABSTRACTS))
+def test_scientific_preset_keeps_abstracts_the_web_thresholds_drop(name):
+    text, web_reason = ABSTRACTS[name]
+    assert first_drop("web", text) == web_reason
+    assert first_drop("scientific", text) is None
+
+
+@pytest.mark.parametrize("name", sorted(JUNK))
+def test_scientific_preset_still_drops_junk(name):
+    text, reason = JUNK[name]
+    assert first_drop("scientific", text) == reason
+
+
+def test_a_title_alone_is_not_an_abstract():
+    title = "Early mobilisation after knee ligament repair in young adults: a randomised controlled trial."
+    assert first_drop("scientific", title) == "gopher_quality/gopher_short_doc"
 
 
 class _Excluded:
