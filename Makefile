@@ -20,23 +20,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-run: install  ## the whole pipeline on the configured data (the built-in demo by default)
+run: install  ## the whole pipeline on the configured data and budget profile (the demo: cpu-demo, ~20 min)
+	@python -c "from stages.common import active_profile as p; print('budget profile:', p() or 'none (the recipe)')"
 	dvc repro
 	@echo
 	@echo "Report: $(CURDIR)/reports/comparison.html (offline, figures inline; markdown: reports/comparison.md)"
 	@echo "Metrics: dvc metrics show | MLflow: make mlflow-ui"
 
-# the GPU profile: the same DAG as a DVC experiment at the scale where DAPT was measured to pay off
-# (one H100: 4,000 steps of 64x128 after a 300-step head warm-up)
-GPU_PARAMS := -S ingest.demo.max_per_licence=60 -S ingest.demo.max_train=4000 -S ingest.demo.max_dev=800 \
-  -S pretrain.batch_size=64 -S pretrain.max_steps=4000 -S pretrain.head_warmup_steps=300 \
-  -S pretrain.eval_steps=250 -S pretrain.save_steps=500 -S pretrain.max_eval_blocks=512 -S pretrain.patience=4 \
-  -S pretrain.torch_compile=true \
-  -S finetune.training.epochs=5 -S finetune.training.max_seq_length=128 -S 'finetune.seeds=[0,1,2,3,4]' \
-  -S 'pretrain.snapshots=[0,12,25,50]'
+# the GPU profile: the demo as a DVC experiment at the scale where DAPT was measured to pay off (profiles.gpu-demo
+# in params.yaml); seeds and snapshots name DVC stages, so they are set here rather than in the profile
+GPU_PARAMS := -S profile=gpu-demo -S 'finetune.seeds=[0,1,2,3,4]' -S 'pretrain.snapshots=[0,12,25,50]'
 
 run-gpu: install  ## the demo at GPU scale, as a DVC experiment (see README)
-	dvc exp run -n gpu-profile $(GPU_PARAMS)
+	dvc exp run -n gpu-demo $(GPU_PARAMS)
 	@echo "Report: $(CURDIR)/reports/comparison.md; compare with: dvc exp show"
 
 # the HTML report's test renders it in headless Chromium: Debian's package where apt can install it

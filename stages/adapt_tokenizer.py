@@ -38,7 +38,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenize
 
 from stages import tracking
 from stages.common import Paths, Section, atomic_path, iter_texts, load_params, load_paths, log, read_jsonl, \
-    setup_logging, text_shards, write_json, write_text
+    setup_stage, text_shards, write_json, write_text
 
 
 class AdaptTokenizerParams(Section):
@@ -325,7 +325,7 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
 
 
 def main() -> None:
-    setup_logging()
+    setup_stage()
     run(load_params("adapt_tokenizer", AdaptTokenizerParams), load_paths())
 
 

@@ -7,6 +7,7 @@ Nothing here knows about a particular stage; a stage module declares its own par
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import glob
 import hashlib
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -76,8 +77,9 @@ class ParamsError(ValueError):
 T = TypeVar("T", bound=BaseModel)
 
 
-def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """The raw params mapping, with YAML errors reported by file and line."""
+def read_params_file(path: Path = PARAMS_FILE, profile: bool = True) -> dict[str, Any]:
+    """The params mapping, with YAML errors reported by file and line; `profile`: with the active profile's
+    values applied over the sections (False: the file's own values, the recipe)."""
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the project root)")
     try:
@@ -86,7 +88,75 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
         raise ParamsError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return data
+    return apply_profile(data, path) if profile else data
+
+
+# ---------------------------------------------------------------------------------------------------
+# budget profiles: a named set of values (`profiles.<name>` in params.yaml) applied over the sections, so the
+# sections themselves hold the published recipe and the CPU demo's cut budget is one explicit name
+
+AUTO_PROFILE = "cpu-demo"  # what `profile: auto` means with the built-in demo; with your own data: none
+# dvc.yaml expands these into stage names before any code runs: a profile cannot change them
+TEMPLATED = ("paths", "pretrain.variants", "pretrain.launcher", "pretrain.snapshots", "finetune.variants",
+             "finetune.seeds")
+
+
+def profile_name(data: dict[str, Any]) -> str | None:
+    """The profile `data` selects: `profile:` as written, `auto` resolved by `ingest.source`, None for none."""
+    name = data.get("profile")
+    if name == "auto":
+        return AUTO_PROFILE if (data.get("ingest") or {}).get("source", "demo") == "demo" else None
+    return name
+
+
+def profile_overrides(data: dict[str, Any], source: Path = PARAMS_FILE) -> dict[str, Any]:
+    """`section.key` -> value of every key the selected profile sets (empty without a profile); a profile that
+    is not defined, sets a key the sections do not have, or sets a key dvc.yaml expands is an error."""
+    name = profile_name(data)
+    if name is None:
+        return {}
+    profiles = data.get("profiles") or {}
+    if name not in profiles:
+        raise ParamsError(f"{source}: profile: '{name}' is not defined under profiles: (defined: "
+                          f"{', '.join(sorted(profiles)) or 'none'}; null or auto also work)")
+    out: dict[str, Any] = {}
+
+    def walk(values: Any, base: Any, key: str) -> None:
+        if isinstance(values, dict) and isinstance(base, dict):
+            for k, v in values.items():
+                if k not in base:
+                    raise ParamsError(f"{source}: profiles.{name}.{key}{k}: '{k}' is not a key of "
+                                      f"'{key.rstrip('.') or 'the top level'}' in {source}")
+                walk(v, base[k], f"{key}{k}.")
+            return
+        dotted = key.rstrip(".")
+        if any(dotted == t or dotted.startswith(f"{t}.") or t.startswith(f"{dotted}.") for t in TEMPLATED):
+            raise ParamsError(f"{source}: profiles.{name}.{dotted}: dvc.yaml expands {dotted} into its stages before "
+                              f"a profile applies; set it in the '{dotted.split('.')[0]}' section instead")
+        out[dotted] = values
+
+    walk(profiles[name], {k: v for k, v in data.items() if k not in ("profile", "profiles")}, "")
+    return out
+
+
+def apply_profile(data: dict[str, Any], source: Path = PARAMS_FILE) -> dict[str, Any]:
+    """A copy of `data` with the selected profile's values in place of the sections' own."""
+    overrides = profile_overrides(data, source)
+    if not overrides:
+        return data
+    out = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for k in parents:
+            node = node[k]
+        node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def active_profile(path: Path = PARAMS_FILE) -> str | None:
+    """The budget profile the stages run with (`profile:` in params.yaml, `auto` resolved), None for the recipe."""
+    return profile_name(read_params_file(path, profile=False))
 
 
 def validate_section(data: dict[str, Any], section: str, model: type[T], source: Path = PARAMS_FILE) -> T:
@@ -119,6 +189,39 @@ def setup_logging() -> None:
     # transformers and mlflow are chatty at INFO about things the user cannot act on
     for name in ("mlflow", "alembic", "urllib3", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class RuntimeParams(Section):
+    """`runtime:` in params.yaml: how the stages use this machine; results do not depend on it."""
+
+    threads: int | None = Field(None, ge=1)
+
+
+def setup_stage(path: Path = PARAMS_FILE) -> None:
+    """The first call of every stage's main(): logging, the thread count (`runtime.threads`), the profile logged."""
+    setup_logging()
+    data = read_params_file(path, profile=False)
+    overrides = profile_overrides(data, path)
+    if overrides:
+        log.info("profile %s: %s", profile_name(data), ", ".join(f"{k}={v}" for k, v in overrides.items()))
+    runtime = validate_section(apply_profile(data, path), "runtime", RuntimeParams, path) \
+        if "runtime" in data else RuntimeParams()
+    if runtime.threads is not None:
+        set_threads(runtime.threads)
+
+
+def set_threads(n: int) -> None:
+    """Use `n` threads in this process (torch's intra-op pool) and in the processes it starts (OpenMP, MKL, the
+    tokenizers' Rust pool): on a busy machine, threads that wait for a core cost more than they give."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ[var] = str(n)
+    # here, not at the top: clean and ingest run without torch. numpy's BLAS (scikit-learn's fits) read the
+    # variables when loaded, before this runs: threadpoolctl resizes their pools
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(n)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ import torch
 from datasets import Dataset, load_dataset
 from pydantic import Field
 from sklearn.utils.class_weight import compute_class_weight
-from transformers import AutoModel, Trainer, TrainingArguments, set_seed
+from transformers import AutoModel, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from stages import tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, write_json, \
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_stage, write_json, \
     write_jsonl
 from stages.tasks import IGNORE, TASKS, gold_labels, label_names, load_tokenizer, task_type
 from stages.tasks import scores  # noqa: F401  compare judges its TF-IDF baseline with it, imported from here
@@ -49,6 +49,7 @@ SPLITS = ("train", "dev", "test")
 class TrainingParams(Section):
     learning_rate: float = Field(gt=0, lt=1)
     epochs: int = Field(ge=1)
+    patience: int | None = Field(None, ge=1)  # epochs without a better dev score before stopping; None: all run
     batch_size: int = Field(ge=1)
     max_seq_length: int = Field(ge=8, le=8192)
     warmup_ratio: float = Field(ge=0, lt=1)
@@ -160,6 +161,9 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         tok = load_tokenizer(model_dir, kind)
         encode = partial(spec.encode, tok, label2id=label2id, max_len=t.max_seq_length)
         data = {s: task[s].map(encode, batched=True, remove_columns=task[s].column_names) for s in task}
+        # the share of each split the model sees only the start of: the report states it beside the scores
+        cut = {s: round(float(np.mean(data[s]["truncated"])), 4) for s in data}
+        log.info("finetune: truncated at %d tokens: %s", t.max_seq_length, cut)
 
         # model (a token classifier has no pooler: share_pooler then leaves it alone)
         model, info = spec.model.from_pretrained(
@@ -181,6 +185,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
                 per_device_eval_batch_size=2 * t.batch_size, learning_rate=t.learning_rate,
                 weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * t.epochs * len(data["train"]) / t.batch_size),
                 eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+                save_only_model=True,  # the best epoch's weights; no run resumes, so no optimiser state
                 metric_for_best_model="macro_f1", logging_steps=10, report_to="none", seed=seed,
                 # similar lengths in a batch: far less padding on CPU, same examples per epoch
                 train_sampling_strategy="group_by_length",
@@ -190,6 +195,8 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
                               data_collator=spec.collator(tok),
                               compute_metrics=partial(spec.dev_metrics, labels=labels),
                               compute_loss_func=WeightedLoss(weights), callbacks=[tracking.MLflowLogger()])
+            if t.patience is not None:  # the best epoch is kept either way (load_best_model_at_end)
+                trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.patience))
 
             # train
             trainer.train()
@@ -203,6 +210,8 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         test, rows = spec.results(task["test"], pred.label_ids, pred.predictions, labels)
         metrics = {f"test_{k}": v for k, v in test.items()}
         metrics.update({f"dev_{k}": dev[f"eval_{k}"] for k in test})
+        metrics["epochs_run"] = round(trainer.state.epoch or 0.0, 2)
+        metrics["truncated"] = cut
         metrics["seconds"] = round(time.time() - started, 1)
         # the snapshot's pretraining compute (step, tokens seen, device-hours): the adaptation curve's x-axis
         snapshot = json.loads((model_dir / "snapshot.json").read_text()) if at is not None else {}
@@ -212,6 +221,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
             tmp.mkdir()
             write_json(tmp / "metrics.json", {
                 "variant": variant, "seed": seed, "task": kind, "labels": labels, **metrics,
+                "max_seq_length": t.max_seq_length,
                 **({"dapt_percent": at, "snapshot": snapshot} if at is not None else {}),
                 "mlflow_run_id": mlflow_run.info.run_id})
             write_jsonl(tmp / "predictions.jsonl", rows)
@@ -220,7 +230,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
 
 
 def main() -> None:
-    setup_logging()
+    setup_stage()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", required=True, choices=["general", "domain", "domain_novocab"])
     parser.add_argument("--seed", required=True, type=int)

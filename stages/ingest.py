@@ -31,7 +31,7 @@ import mlflow
 from pydantic import Field, model_validator
 
 from stages import demo_source, file_source, hf_source, tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_logging, \
+from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_stage, \
     write_json, write_jsonl
 from stages.hf_source import Input
 from stages.tasks import gold_labels
@@ -82,7 +82,8 @@ class IngestParams(Section):
         if self.source == "demo" and self.demo is None:
             raise ValueError("source 'demo' needs the ingest.demo section")
         if self.source == "files":
-            missing = [k for k in ("domain", "general", "train", "dev", "test") if getattr(self.files, k) is None]
+            # general: the demo's general English text when not set (general_reference)
+            missing = [k for k in ("domain", "train", "dev", "test") if getattr(self.files, k) is None]
             if missing:
                 raise ValueError(f"source 'files' needs ingest.files.{', ingest.files.'.join(missing)}")
         return self
@@ -127,17 +128,24 @@ def sample(docs: Iterable[dict], max_n: int | None, seed: int) -> Iterable[dict]
 def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
     """Domain docs, general docs and task splits from the pinned wheels."""
     scancode = demo_source.fetch_wheel(demo_source.WHEELS["scancode"], cache_dir())
-    gensim = demo_source.fetch_wheel(demo_source.WHEELS["gensim"], cache_dir())
     licences = demo_source.read_licences(scancode)
     rules = demo_source.read_rules(scancode)
     domain = demo_source.domain_documents(licences, rules)
-    general = demo_source.read_wikipedia(gensim) + demo_source.read_lee(gensim)
+    general = general_reference()
     examples = demo_source.task_examples(licences, rules, p.demo.categories)
     examples = demo_source.cap_per_group(examples, p.demo.max_per_licence, p.seed)
     splits = demo_source.split_by_group(examples, p.demo.dev_fraction, p.demo.test_fraction, p.seed)
     caps = {"train": p.demo.max_train, "dev": p.demo.max_dev, "test": p.demo.max_test}
     splits = {s: demo_source.cap_examples(splits[s], caps[s], p.seed) for s in SPLITS}
     return domain, general, splits
+
+
+def general_reference() -> list[dict]:
+    """General English text that needs no download beyond a pinned wheel: the Wikipedia articles and Lee news
+    stories of gensim's test data (406 documents, ~500k words). The reference when `ingest.files.general` is not set: its
+    held-out part measures forgetting (general-text MLM loss), the rest is replay text (`pretrain.general_replay`)."""
+    gensim = demo_source.fetch_wheel(demo_source.WHEELS["gensim"], cache_dir())
+    return demo_source.read_wikipedia(gensim) + demo_source.read_lee(gensim)
 
 
 def read_input(f: FilesParams, key: str) -> Iterable[dict]:
@@ -158,7 +166,11 @@ def read_input(f: FilesParams, key: str) -> Iterable[dict]:
 def files_inputs(p: IngestParams) -> tuple[Iterable[dict], Iterable[dict], dict[str, list[dict]]]:
     """Domain docs, general docs and task splits from the user's files or datasets."""
     splits = {s: read_input(p.files, s) for s in SPLITS}
-    return read_input(p.files, "domain"), read_input(p.files, "general"), splits
+    if p.files.general is None:
+        log.info("ingest: ingest.files.general is not set: the general reference is gensim's Wikipedia and Lee "
+                 "news text (set it to text like what your base model was pretrained on)")
+    general = general_reference() if p.files.general is None else read_input(p.files, "general")
+    return read_input(p.files, "domain"), general, splits
 
 
 def check_task(splits: dict[str, list[dict]]) -> None:
@@ -240,7 +252,7 @@ def run(p: IngestParams, paths: Paths) -> None:
 
 
 def main() -> None:
-    setup_logging()
+    setup_stage()
     run(load_params("ingest", IngestParams), load_paths())
 
 

@@ -68,7 +68,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenize
 from stages import tracking
 from stages import blocks, mlm
 from stages.blocks import TokenBlocks, separator_ids, tokenize_corpus
-from stages.common import Paths, Section, atomic_path, file_digest, load_params, load_paths, log, setup_logging, \
+from stages.common import Paths, Section, atomic_path, file_digest, load_params, load_paths, log, setup_stage, \
     text_shards, write_json, write_text
 from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
     full_precision, master_weights, own_head_parameters, training_args
@@ -511,7 +511,7 @@ def tokenize_only(p: PretrainParams, paths: Paths, variant: str) -> None:
 
 
 def main() -> None:
-    setup_logging()
+    setup_stage()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="domain", choices=["domain", "domain_novocab"])
     parser.add_argument("--tokenize-only", action="store_true", help="fill the token cache, do not train")

@@ -65,7 +65,16 @@ def encode_texts(tok, batch: dict[str, list], label2id: dict[str, int], max_len:
     padding is left to the collator (dynamic, per batch)."""
     enc = tok(batch["text"], truncation=True, max_length=max_len)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": [label2id[label] for label in batch["label"]]}
+            "labels": [label2id[label] for label in batch["label"]], "truncated": truncated(enc, max_len)}
+
+
+def truncated(enc, max_len: int) -> list[bool]:
+    """Which examples of a batch the tokenizer cut at `max_len` tokens (the Trainer drops this column: the
+    model has no such input). A fast tokenizer keeps the cut-off part; for a slow one, a full-length example
+    counts as cut."""
+    if enc.encodings is None:
+        return [len(ids) >= max_len for ids in enc["input_ids"]]
+    return [bool(e.overflowing) for e in enc.encodings]
 
 
 def scores(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
@@ -154,7 +163,8 @@ def encode_words(tok, batch: dict[str, list], label2id: dict[str, int], max_len:
     enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_len)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "labels": [align_labels(enc.word_ids(i), [label2id[t] for t in tags])
-                       for i, tags in enumerate(batch["tags"])]}
+                       for i, tags in enumerate(batch["tags"])],
+            "truncated": truncated(enc, max_len)}
 
 
 def word_predictions(label_ids: np.ndarray, pred_ids: np.ndarray, n_words: list[int],

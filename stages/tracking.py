@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel
 from transformers import TrainerCallback
 
+from stages.common import PARAMS_FILE, active_profile
+
 EXPERIMENT = "dapt"
 PARENT_ENV = "DAPT_MLFLOW_PARENT_RUN_ID"
 
@@ -82,6 +84,8 @@ def stage_run(stage: str, params: Any, run_name: str | None = None,
     """Open this stage's MLflow run (a child of the flow's run when there is one) and log its params."""
     experiment_id = setup()
     all_tags = {"stage": stage, **data_version_tags(), **(tags or {})}
+    if PARAMS_FILE.exists():  # the budget profile: MLflow's compare view groups runs by it
+        all_tags["profile"] = active_profile() or "none"
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit

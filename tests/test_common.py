@@ -6,11 +6,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from stages.adapt_tokenizer import AdaptTokenizerParams
 from stages.clean import CleanParams
-from stages.common import ParamsError, TextShardWriter, atomic_path, iter_texts, load_params, load_paths, \
-    text_shards, write_json, write_text_shards
+from stages.common import ParamsError, TextShardWriter, active_profile, atomic_path, iter_texts, load_params, \
+    load_paths, read_params_file, text_shards, write_json, write_text_shards
 from stages.compare import CompareParams
 from stages.finetune import FinetuneParams
 from stages.ingest import IngestParams
@@ -21,10 +22,13 @@ SECTIONS = {"ingest": IngestParams, "clean": CleanParams, "adapt_tokenizer": Ada
             "pretrain": PretrainParams, "finetune": FinetuneParams, "compare": CompareParams}
 
 
+@pytest.mark.parametrize("profile", [None, "cpu-demo", "gpu-demo"])
 @pytest.mark.parametrize("section", sorted(SECTIONS))
-def test_shipped_params_validate(section):
-    load_params(section, SECTIONS[section], ROOT / "params.yaml")
-    load_paths(ROOT / "params.yaml")
+def test_shipped_params_validate_under_every_profile(tmp_path, section, profile):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path = write(tmp_path, yaml.safe_dump({**data, "profile": profile}))
+    load_params(section, SECTIONS[section], path)
+    load_paths(path)
 
 
 def write(tmp_path, text: str) -> Path:
@@ -85,21 +89,64 @@ def test_atomic_path_replaces_directory(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new.bin"]
 
 
-def test_gpu_profile_only_sets_existing_params():
+def test_make_run_gpu_only_sets_existing_params():
     """`dvc exp run -S` refuses keys that params.yaml lacks; `make run-gpu` must not hit that."""
     import re
 
-    import yaml
-
     makefile = (ROOT / "Makefile").read_text()
-    keys = re.findall(r"-S '?([\w.]+)=", makefile)
-    assert len(keys) >= 10
+    keys = re.findall(r"-S '?([\w.-]+)=", makefile)
+    assert "profile" in keys
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key in keys:
         node = params
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"make run-gpu sets {key}, which params.yaml lacks"
             node = node[part]
+
+
+# ---------------------------------------------------------------------------------------------------
+# budget profiles
+
+BASE = """profile: {profile}
+ingest: {{source: {source}}}
+pretrain: {{max_steps: null, max_tokens: 2.0e+9, snapshots: [0]}}
+finetune: {{seeds: [0], training: {{epochs: 10}}}}
+profiles:
+  cpu-demo: {{pretrain: {{max_steps: 150, max_tokens: null}}, finetune: {{training: {{epochs: 2}}}}}}
+  {extra}
+"""
+
+
+def params_with(tmp_path, profile: str = "auto", source: str = "demo", extra: str = "") -> dict:
+    return read_params_file(write(tmp_path, BASE.format(profile=profile, source=source, extra=extra)))
+
+
+@pytest.mark.parametrize(("profile", "source", "name"), [("auto", "demo", "cpu-demo"), ("auto", "files", None),
+                                                         ("null", "demo", None), ("cpu-demo", "files", "cpu-demo")])
+def test_profile_auto_is_the_cpu_demo_only_with_the_demo(tmp_path, profile, source, name):
+    data = params_with(tmp_path, profile, source)
+    assert active_profile(tmp_path / "params.yaml") == name
+    assert (data["pretrain"]["max_steps"], data["finetune"]["training"]["epochs"]) == \
+        ((150, 2) if name else (None, 10))
+    assert data["pretrain"]["max_tokens"] is (None if name else data["pretrain"]["max_tokens"])
+    assert data["finetune"]["seeds"] == [0]  # what the profile does not set stays
+
+
+def test_file_values_without_the_profile(tmp_path):
+    params_with(tmp_path)
+    assert read_params_file(tmp_path / "params.yaml", profile=False)["pretrain"]["max_steps"] is None
+
+
+@pytest.mark.parametrize(("profile", "extra", "error"), [
+    ("gpu", "", r"profile: 'gpu' is not defined under profiles: \(defined: cpu-demo"),
+    ("typo", "typo: {pretrain: {max_stepz: 1}}", r"profiles.typo.pretrain.max_stepz: 'max_stepz' is not a key of 'pretrain'"),
+    ("seeds", "seeds: {finetune: {seeds: [0, 1]}}", r"profiles.seeds.finetune.seeds: dvc.yaml expands"),
+    ("curve", "curve: {pretrain: {snapshots: [0, 50]}}", r"profiles.curve.pretrain.snapshots: dvc.yaml expands"),
+    ("top", "top: {runtime: {threads: 1}}", r"profiles.top.runtime: 'runtime' is not a key of 'the top level'"),
+])
+def test_bad_profile_is_named(tmp_path, profile, extra, error):
+    with pytest.raises(ParamsError, match=error):
+        params_with(tmp_path, profile, extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -84,6 +84,25 @@ def test_stage_writes_metrics_and_predictions(project, tiny_bert):
     assert abs(metrics["test_accuracy"] - sum(p["pred"] == p["label"] for p in preds) / len(preds)) < 1e-9
 
 
+def test_early_stopping_keeps_the_best_epoch_and_reports_truncation(project, tiny_bert):
+    # a learning rate too small to change a prediction: dev macro-F1 never improves after epoch 1, so
+    # patience 1 stops after epoch 2 of 5; one text in four is longer than max_seq_length (16 tokens)
+    shutil.copytree(tiny_bert, project.base_model)
+    rows = [{"text": "the licensor grants a licence", "label": "permissive"},
+            {"text": "the cat sat on the mat", "label": "other"},
+            {"text": "a short one", "label": "other"},
+            {"text": " ".join(["the licensee shall keep every notice"] * 4), "label": "permissive"}] * 4
+    for split in ("train", "dev", "test"):
+        write_jsonl(project.task / f"{split}.jsonl", rows)
+    slow = P.model_copy(update={"training": P.training.model_copy(update={"learning_rate": 1e-12, "epochs": 5,
+                                                                          "patience": 1})})
+    run(slow, project, "general", 0)
+    metrics = json.loads((project.finetune / "general-0" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2
+    assert metrics["max_seq_length"] == 16
+    assert metrics["truncated"] == {"train": 0.25, "dev": 0.25, "test": 0.25}
+
+
 def test_stage_fine_tunes_a_pretraining_snapshot(project, tiny_bert):
     import shutil
 

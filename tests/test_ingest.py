@@ -50,6 +50,18 @@ def test_files_source_requires_its_paths():
         IngestParams(source="files", base_model="x", demo=DEMO, files=FilesParams(general="g.txt"))
 
 
+def test_files_source_general_defaults_to_the_demo_reference(project, tiny_bert, tmp_path, monkeypatch):
+    # a user with no general text gets gensim's Wikipedia and news text (the demo's reference), not an error
+    reference = [{"id": "wiki-0", "text": "general English text about many things"}]
+    monkeypatch.setattr("stages.ingest.general_reference", lambda: reference)
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a domain document"}])
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "label": "pos"}, {"text": "z", "label": "neg"}])
+    files = FilesParams(domain=tmp_path / "d.jsonl", train=tmp_path / "t.jsonl", dev=tmp_path / "t.jsonl",
+                        test=tmp_path / "t.jsonl")
+    run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
+    assert [json.loads(line) for line in project.raw_general.read_text().splitlines()] == reference
+
+
 def test_sample_is_seeded_and_keeps_order():
     docs = [{"id": i} for i in range(100)]
     a, b = sample(docs, 10, 3), sample(docs, 10, 3)
