@@ -4,16 +4,24 @@ Reads every `finetune` run named in params (variants x seeds) and the adaptation
 (`finetune_curve`: the domain model's pretraining snapshots), and reports:
 - mean +- std per variant over seeds, the paired per-seed differences, and a paired bootstrap over test
   examples for domain - general (the verdict, the report's first line) and domain - domain_novocab;
-- a TF-IDF + logistic-regression reference trained on the same split (sequence classification);
+- TF-IDF + logistic-regression references trained on the same split (sequence classification): one on the
+  same text the transformers saw (each text cut where the base tokenizer's `max_seq_length` window ends), one
+  on whole texts, so the gap between them is what the cut costs;
+- the share of texts longer than `max_seq_length` per variant and split (from the fine-tuning runs, or counted
+  here with the base tokenizer for runs that did not record it);
+- the budget beside the published recipe (`RECIPE`): DAPT tokens, fine-tuning epochs and sequence length, and
+  a warning right after the verdict when the run is far below it;
 - the forgetting probe: general-text MLM loss and perplexity of the general and the adapted models;
 - the adaptation curve: downstream score against DAPT tokens and device-hours, and whether the last stretch
   of DAPT still paid;
 - the pretraining and tokenizer numbers that explain the result.
 Writes `reports/comparison.md`, the self-contained `reports/comparison.html`, PNG figures in
-`reports/figures/`, `metrics/compare.json` and `metrics/adaptation_curve.csv`; in MLflow, the stage's run is
-the comparison's parent and every fine-tuning run it compares is a child, tagged variant and seed.
+`reports/figures/`, `metrics/compare.json` (every number), `metrics/headline.json` (the verdict's numbers: what
+`dvc metrics show` prints) and `metrics/adaptation_curve.csv`; in MLflow, the stage's run is the comparison's
+parent and every fine-tuning run it compares is a child, tagged variant and seed.
 
-Run: `dvc repro compare` (or `python -m stages.compare`).
+Run: `dvc repro compare` (or `python -m stages.compare`); `dvc metrics show` for the headline,
+`dvc metrics show metrics/compare.json` for the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
@@ -33,10 +42,11 @@ from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import make_pipeline
 
 from stages import report, tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_logging, write_json, write_text
-from stages.finetune import FinetuneParams, run_name, scores
+from stages.common import Paths, Section, active_profile, atomic_path, load_params, load_paths, log, read_jsonl, \
+    setup_stage, write_json, write_text
+from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_name, scores
 from stages.pretrain import PretrainParams
+from stages.tasks import load_tokenizer, truncated
 
 METRICS = report.METRICS
 Counts = tuple[np.ndarray, np.ndarray, np.ndarray]  # per example x class: true positives, true, predicted
@@ -47,6 +57,37 @@ class CompareParams(Section):
     tfidf_c: float = Field(gt=0)
     bootstrap_resamples: int = Field(2000, ge=100)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The published budget a run is measured against (`budget`)."""
+
+    dapt_max_tokens: float        # DAPT stops at the first of these reached
+    dapt_max_epochs: float
+    learning_rate: tuple[float, float]
+    epochs: int                   # fine-tuning: at most this many, the best on dev kept
+    patience: int                 # ... stopping after this many epochs without dev improvement
+    max_seq_length: int
+
+
+RECIPE = Recipe(
+    # Gururangan et al. 2020, "Don't Stop Pretraining" (ACL), sec. 3 and app. B: DAPT is 12.5k steps of
+    # 2048 sequences of 512 tokens (~13B tokens, one to several passes over 2-8B-token domain corpora); TAPT
+    # is 100 epochs of the (small) task text. Here: 2B tokens or 10 epochs of the corpus, the first reached
+    dapt_max_tokens=2.0e9,
+    dapt_max_epochs=10,
+    # fine-tuning: Devlin et al. 2019 (BERT) app. A.3 search 2e-5..5e-5; Gururangan et al. 2020 app. B train
+    # 10 epochs (3 on the largest tasks) with early stopping, patience 3 on dev, at 512 tokens (the models' limit)
+    learning_rate=(2e-5, 5e-5),
+    epochs=10,
+    patience=3,
+    max_seq_length=512,
+)
+# a run is "far below the recipe" (the report says so beside the verdict) when any of these holds
+FAR_BELOW_DAPT_SHARE = 0.10     # DAPT saw under a tenth of the tokens the recipe trains on this corpus
+FAR_BELOW_EPOCHS = 3            # fewer fine-tuning epochs than the recipe's patience: no early stopping
+FAR_BELOW_TRUNCATED = 0.10      # over a tenth of test texts were cut: the task was judged on openings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,6 +181,13 @@ def paired_bootstrap(counts_a: list[Counts], counts_b: list[Counts], resamples: 
             "p_value": float(p), "resamples": resamples}
 
 
+def verdict_word(diff: dict[str, float], alpha: float = 0.05) -> str:
+    """better, worse (significant at `alpha`) or no difference: the verdict in one word."""
+    if diff["n"] < 2 or diff["p_value"] >= alpha:
+        return "no difference"
+    return "better" if diff["mean"] > 0 else "worse"
+
+
 def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
     """One honest sentence: significant at `alpha` (by `diff["method"]`, a paired t-test over seeds unless
     stated), with the effect size and its interval, or not a result."""
@@ -147,9 +195,9 @@ def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
     stats_text = (f"domain - general macro-F1 = {mean:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f}, "
                   f"{diff.get('method', 'paired t-test')} {report.fmt_p(diff['p_value'])}, domain better in "
                   f"{diff['wins']}/{n} seeds)")
-    if n < 2 or diff["p_value"] >= alpha:
+    word = verdict_word(diff, alpha)
+    if word == "no difference":
         return f"No significant difference between the domain-adapted and the general model: {stats_text}."
-    word = "better" if mean > 0 else "worse"
     return f"The domain-adapted model is significantly {word}: {stats_text}."
 
 
@@ -174,6 +222,98 @@ def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dic
     labels = sorted({ex["label"] for ex in train})
     index = {label: i for i, label in enumerate(labels)}
     return {f"test_{k}": v for k, v in scores([index[ex["label"]] for ex in test], [index[y] for y in pred]).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the transformers saw, and the budget beside the published recipe
+
+
+def seen_texts(tok, texts: list[str], max_len: int) -> list[str]:
+    """Each text as far as a transformer with `max_len` positions reads it (special tokens included, as
+    `finetune` encodes): cut where the last token that fits ends, by the fast tokenizer's character offsets.
+    A text that fits is kept whole (trailing characters that make no token included)."""
+    if not tok.is_fast:
+        raise ValueError("compare: the base model's tokenizer has no fast version; its character offsets are needed")
+    enc = tok(texts, truncation=True, max_length=max_len, return_offsets_mapping=True, return_special_tokens_mask=True)
+    out = []
+    for text, offsets, special, cut in zip(texts, enc["offset_mapping"], enc["special_tokens_mask"],
+                                           truncated(enc, max_len), strict=True):
+        end = max((e for (_, e), sp in zip(offsets, special, strict=True) if not sp), default=0)
+        out.append(text[:end] if cut else text)
+    return out
+
+
+def truncated_share(tok, examples: list[dict], max_len: int) -> float:
+    """Share of examples longer than `max_len` tokens (special tokens included) with `tok`, as `finetune`
+    encodes them: a text, or pre-split words for a token task (`tokens`)."""
+    if not examples:
+        return 0.0
+    words = "tokens" in examples[0]
+    enc = tok([ex["tokens"] if words else ex["text"] for ex in examples], is_split_into_words=words,
+              truncation=True, max_length=max_len)
+    return sum(truncated(enc, max_len)) / len(examples)
+
+
+def truncation(runs: dict[str, dict[int, dict]], task: dict[str, list[dict]], tok, max_len: int) -> dict[str, dict]:
+    """variant -> split -> share of texts longer than the window: as the fine-tuning runs recorded it
+    (`truncated`, with their own tokenizer), else counted here with `tok` (the base model's): runs from before
+    finetune recorded it."""
+    counted = None
+    out = {}
+    for v, by_seed in runs.items():
+        recorded = next(iter(by_seed.values())).get("truncated")
+        if recorded is None:
+            counted = counted or {s: truncated_share(tok, task[s], max_len) for s in SPLITS}
+        out[v] = {**(recorded or counted), "source": "run" if recorded else "base tokenizer"}
+    return out
+
+
+def budget(pre: dict | None, t: TrainingParams, truncated_test: float | None, profile: str | None,
+           epochs_run: float | None = None, recipe: Recipe = RECIPE) -> dict:
+    """What ran beside what the published recipe would run on this corpus and task, and whether it is far below
+    (`reasons`: dapt, epochs, truncated). `pre`: the domain model's pretrain metrics (None: none ran);
+    `epochs_run`: the fine-tuning runs' mean epochs (early stopping may end them before `t.epochs`)."""
+    out = {"profile": profile, "finetune_epochs": t.epochs, "finetune_patience": t.patience,
+           "finetune_epochs_run": epochs_run, "finetune_learning_rate": t.learning_rate,
+           "max_seq_length": t.max_seq_length, "truncated_test": truncated_test,
+           **{f"recipe_{k}": v for k, v in asdict(recipe).items()}}
+    reasons = []
+    if pre is not None:
+        epochs = pre.get("corpus_epochs") or 0.0
+        corpus = pre["tokens_seen"] / epochs if epochs > 0 else None
+        by_epochs = recipe.dapt_max_epochs * corpus if corpus else float("inf")
+        recipe_tokens = round(min(recipe.dapt_max_tokens, by_epochs))
+        out.update(dapt_tokens_seen=pre["tokens_seen"], dapt_corpus_epochs=epochs, corpus_tokens=corpus,
+                   recipe_tokens=recipe_tokens, recipe_bound="epochs" if by_epochs < recipe.dapt_max_tokens else "tokens",
+                   dapt_share_of_recipe=pre["tokens_seen"] / recipe_tokens)
+        if out["dapt_share_of_recipe"] < FAR_BELOW_DAPT_SHARE:
+            reasons.append("dapt")
+    if t.epochs < FAR_BELOW_EPOCHS:
+        reasons.append("epochs")
+    if truncated_test is not None and truncated_test > FAR_BELOW_TRUNCATED:
+        reasons.append("truncated")
+    return {**out, "reasons": reasons, "far_below": bool(reasons)}
+
+
+def headline(summary: dict, diff: dict, references: dict[str, dict], budget_facts: dict,
+             probe: list[dict]) -> dict:
+    """The verdict's numbers, what `dvc metrics show` prints: short names, one row. `general_loss_ratio` is
+    the domain model's general-text MLM loss after DAPT over the probe's reference (above 1: forgetting)."""
+    after = next((row for row in probe if row.get("variant") == "domain"), None)
+    return {
+        "verdict": verdict_word(diff),
+        "f1_domain": summary["domain"]["test_macro_f1"]["mean"],
+        "f1_general": summary["general"]["test_macro_f1"]["mean"],
+        "f1_diff": diff["mean"], "f1_diff_ci_low": diff["ci_low"], "f1_diff_ci_high": diff["ci_high"],
+        "p_value": diff["p_value"],
+        **{f"f1_tfidf_{key}": r["test_macro_f1"] for key, r in references.items()},
+        **({"dapt_tokens": budget_facts["dapt_tokens_seen"], "dapt_recipe_tokens": budget_facts["recipe_tokens"]}
+           if "dapt_tokens_seen" in budget_facts else {}),
+        "far_below_recipe": budget_facts["far_below"],
+        **({"profile": budget_facts["profile"]} if budget_facts["profile"] is not None else {}),
+        **({"truncated_test": budget_facts["truncated_test"]} if budget_facts["truncated_test"] is not None else {}),
+        **({"general_loss_ratio": after["loss"] / probe[0]["loss"]} if after else {}),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,20 +380,23 @@ def confusion(rows_by_seed: list[list[dict]], kind: str, labels: list[str]) -> n
 
 
 def forgetting_probe(extra: dict[str, dict]) -> list[dict]:
-    """General-text MLM loss of the general model and of each model before and after DAPT, from pretrain's
-    evaluations (fixed masks, so comparable). The general model is the base-vocabulary run's starting point."""
+    """General-text MLM loss of each model before and after DAPT, from pretrain's evaluations (fixed masks, so
+    comparable). The first row is the reference the others are compared with (`short` names it): the general
+    model (the base-vocabulary run's starting point) when domain_novocab was pretrained, else the domain model
+    before DAPT; its name says which, whichever variants ran."""
     pre = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
     if not pre:
         return []
     rows = []
     if "domain_novocab" in pre:
-        rows.append({"name": "general model (base encoder and vocabulary)", "loss": pre["domain_novocab"]["general_loss_start"],
-                     "general_model": True})
+        rows.append({"name": "general model (base encoder and vocabulary)", "short": "the general model",
+                     "loss": pre["domain_novocab"]["general_loss_start"], "general_model": True})
     if "domain" in pre:
-        rows.append({"name": "domain before DAPT (new vocabulary, step 0)", "loss": pre["domain"]["general_loss_start"]})
+        rows.append({"name": "domain before DAPT (new vocabulary, step 0)", "short": "domain before DAPT",
+                     "loss": pre["domain"]["general_loss_start"]})
     for v, m in pre.items():
-        rows.append({"name": f"{v} after DAPT (step {m['best_step']})", "loss": m["general_loss_best"],
-                     "start": m["general_loss_start"]})
+        rows.append({"name": f"{v} after DAPT (step {m['best_step']})", "short": f"{v} after DAPT", "variant": v,
+                     "loss": m["general_loss_best"], "start": m["general_loss_start"]})
     return rows
 
 
@@ -311,8 +454,10 @@ def log_children(fp: FinetuneParams, named_runs: dict[str, dict]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int] | None = None) -> None:
-    """Collect the fine-tuning runs, compute the statistics, write the reports, figures and metrics."""
+def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int] | None = None,
+        profile: str | None = None) -> None:
+    """Collect the fine-tuning runs, compute the statistics, write the reports, figures and metrics.
+    `profile`: the budget profile in use (`common.active_profile()`), named beside the budget."""
     snapshots = snapshots or []
     figures = paths.reports / "figures"
     with tracking.stage_run("compare", p):
@@ -334,15 +479,29 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             extra["new_tokens"] = list(csv.DictReader((paths.reports / "new_tokens.tsv").open(encoding="utf-8"),
                                                       delimiter="\t"))
 
+        # what the transformers saw: the first max_seq_length tokens; the TF-IDF references see that text and
+        # the whole text
+        max_len = fp.training.max_seq_length
+        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in SPLITS}
+        base_tok = load_tokenizer(paths.base_model, kind)
+        cut = truncation(runs, task, base_tok, max_len)
+        references = {}
+        if not token_task:
+            seen = {s: seen_texts(base_tok, [ex["text"] for ex in task[s]], max_len) for s in ("train", "test")}
+            seen = {s: [{**ex, "text": text} for ex, text in zip(task[s], seen[s], strict=True)] for s in seen}
+            references = {"same_text": tfidf_baseline(seen["train"], seen["test"], p),
+                          "whole_text": tfidf_baseline(task["train"], task["test"], p)}
+
         # statistics: per variant, per seed, and over test examples
         summary = summarise(runs)
-        task = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("train", "test")}
-        tfidf = None if token_task else tfidf_baseline(task["train"], task["test"], p)
 
         diff = compare_variants(runs, rows, "domain", "general", fp.seeds, kind, classes, p)
         vocab = compare_variants(runs, rows, "domain", "domain_novocab", fp.seeds, kind, classes, p) \
             if "domain_novocab" in runs else None
         probe = forgetting_probe(extra)
+        epochs_run = [m["epochs_run"] for by_seed in runs.values() for m in by_seed.values() if "epochs_run" in m]
+        budget_facts = budget(extra.get("pretrain_domain"), fp.training, cut["general"]["test"], profile,
+                              statistics.fmean(epochs_run) if epochs_run else None)
         points = curve_points(paths, fp, snapshots, runs, extra.get("pretrain_domain"))
         slope = None
         if len(points) >= 2:
@@ -359,7 +518,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
                          for t in (r["tags"] + r["pred"] if token_task else [r["label"], r["pred"]])})
         with atomic_path(figures) as tmp:
             tmp.mkdir()
-            report.plot_scores(summary, runs, tfidf, tmp / "scores.png")
+            report.plot_scores(summary, runs, report.reference_labels(references, max_len), tmp / "scores.png")
             report.plot_confusions({v: confusion([rows[run_name(v, s)] for s in fp.seeds], kind, labels) for v in runs},
                                    labels, tmp / "confusion.png")
             if points:
@@ -370,8 +529,8 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
                 report.plot_fertility(extra["adapt_tokenizer"], tmp / "fertility.png")
 
         # report
-        text = report.comparison_markdown(verdict(diff), summary, diff, tfidf, extra, vocab, probe, points, slope,
-                                          token_task)
+        text = report.comparison_markdown(verdict(diff), summary, diff, references, extra, vocab, probe, points, slope,
+                                          token_task, budget_facts, cut, max_len)
         write_text(paths.reports / "comparison.md", text)
         report.write_html(text, paths.reports, paths.reports / "comparison.html")
         if points:
@@ -381,7 +540,12 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         metrics = {
             **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in METRICS
                for k in ("mean", "std")},
-            **({f"tfidf_{m.removeprefix('test_')}": v for m, v in tfidf.items()} if tfidf else {}),
+            **{f"tfidf_{key}_{m.removeprefix('test_')}": v for key, r in references.items() for m, v in r.items()},
+            **{f"{v}_truncated_{s}": t[s] for v, t in cut.items() for s in SPLITS},
+            **{f"budget_{k}": budget_facts[k] for k in ("profile", "dapt_tokens_seen", "recipe_tokens",
+                                                        "dapt_share_of_recipe", "finetune_epochs",
+                                                        "finetune_epochs_run", "max_seq_length",
+                                                        "truncated_test", "far_below") if budget_facts.get(k) is not None},
             "domain_minus_general_macro_f1_mean": diff["mean"],
             "domain_minus_general_macro_f1_std": diff["std"],
             "domain_minus_general_p_value": diff["p_value"],
@@ -399,6 +563,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             "seeds": len(fp.seeds),
         }
         write_json(paths.metrics / "compare.json", metrics)
+        write_json(paths.metrics / "headline.json", headline(summary, diff, references, budget_facts, probe))
         tracking.log_metrics(metrics)
         for name in ("comparison.md", "comparison.html"):
             mlflow.log_artifact(str(paths.reports / name))
@@ -411,9 +576,9 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
 
 
 def main() -> None:
-    setup_logging()
+    setup_stage()
     run(load_params("compare", CompareParams), load_params("finetune", FinetuneParams), load_paths(),
-        load_params("pretrain", PretrainParams).snapshots)
+        load_params("pretrain", PretrainParams).snapshots, active_profile())
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ def save(fig, path: Path) -> None:
 # figures
 
 
-def plot_scores(summary: dict, runs: dict[str, dict[int, dict]], reference: dict[str, float] | None, path: Path) -> None:
-    """Bars (mean +- std over seeds) per variant with each seed as a dot; the TF-IDF score as a dashed line."""
+def plot_scores(summary: dict, runs: dict[str, dict[int, dict]], references: dict[str, dict[str, float]],
+                path: Path) -> None:
+    """Bars (mean +- std over seeds) per variant with each seed as a dot; each reference (label -> scores,
+    e.g. TF-IDF on the same text and on whole texts) as a grey line."""
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
     variants = list(summary)
     for ax, metric in zip(axes, METRICS, strict=True):
@@ -48,9 +50,10 @@ def plot_scores(summary: dict, runs: dict[str, dict[int, dict]], reference: dict
         for i, v in enumerate(variants):
             ys = [r[metric] for r in runs[v].values()]
             ax.scatter([i] * len(ys), ys, color="black", s=12, zorder=3)
-        if reference:
-            ax.axhline(reference[metric], linestyle="--", color="grey", label="TF-IDF + LR")
-            ax.legend(loc="lower right", fontsize=8)
+        for (label, scores), style in zip(references.items(), ("--", ":", "-."), strict=False):
+            ax.axhline(scores[metric], linestyle=style, color="grey", label=label)
+        if references:
+            ax.legend(loc="lower right", fontsize=7)
         ax.set_title(metric.replace("test_", "test ").replace("_", "-") + " (mean +- std over seeds)")
         ax.set_ylim(0, 1)
         ax.tick_params(axis="x", labelsize=8)
@@ -138,32 +141,99 @@ def fmt_ci(d: dict, digits: int = 3) -> str:
     return f"95% CI {d['ci_low']:+.{digits}f} to {d['ci_high']:+.{digits}f}"
 
 
-def scores_table(summary: dict, reference: dict | None, metric_names: tuple[str, str]) -> list[str]:
-    """Variant | seeds | mean +- std of both metrics; the TF-IDF reference as the last row."""
+def fmt_tokens(n: float) -> str:
+    """A token count as read aloud: 307,200 -> 0.307M, 2e9 -> 2B."""
+    if n >= 1e9:
+        return f"{n / 1e9:.3g}B"
+    return f"{n / 1e6:.3g}M" if n >= 1e4 else f"{n:,.0f}"
+
+
+def reference_labels(references: dict[str, dict], max_len: int) -> dict[str, dict]:
+    """compare's references (`same_text`, `whole_text`) under the names the table and the figure give them."""
+    names = {"same_text": f"TF-IDF + LR, same text as the transformers (first {max_len} tokens)",
+             "whole_text": "TF-IDF + LR, whole text"}
+    return {names[key]: r for key, r in references.items()}
+
+
+def scores_table(summary: dict, references: dict[str, dict], metric_names: tuple[str, str]) -> list[str]:
+    """Variant | seeds | mean +- std of both metrics; the references (label -> scores) as the last rows."""
     lines = [f"| variant | seeds | test {metric_names[0]} | test {metric_names[1]} |", "|---|---|---|---|"]
     for v, s in summary.items():
         f1, acc = s["test_macro_f1"], s["test_accuracy"]
         lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
-    if reference:
-        lines.append(f"| TF-IDF + LR (reference) | - | {reference['test_macro_f1']:.3f} | "
-                     f"{reference['test_accuracy']:.3f} |")
+    for label, r in references.items():
+        lines.append(f"| {label} | - | {r['test_macro_f1']:.3f} | {r['test_accuracy']:.3f} |")
     return lines
 
 
+def truncation_line(truncated: dict[str, dict], max_len: int, references: bool, token_task: bool) -> str:
+    """What the transformers saw (the first `max_len` tokens, and how many test texts were longer) and what each
+    TF-IDF reference saw. `truncated`: variant -> split -> share, and its `source` (run or base tokenizer)."""
+    unit = "sentences" if token_task else "texts"
+    shares = {v: t["test"] for v, t in truncated.items()}
+    if all(t["source"] != "run" for t in truncated.values()):
+        which = "counted with the general model's tokenizer"
+    elif len(set(shares.values())) == 1:
+        which = "with every variant's tokenizer"
+    else:
+        which = ", ".join(f"{v} {s:.0%}" for v, s in shares.items()) + ": each variant's own tokenizer"
+    line = (f"The transformers read the first {max_len} tokens of each {unit[:-1]} (special tokens included) and "
+            f"nothing after: {shares['general']:.0%} of test {unit} were longer ({which}).")
+    if references:
+        line += (" The first TF-IDF row was trained and tested on that same text (each text cut where the general "
+                 f"model's {max_len}-token window ends), the second on whole texts: the gap between them is what the "
+                 "cut costs a bag of words.")
+    return line
+
+
+def budget_line(b: dict) -> str:
+    """The budget that ran beside the published recipe, in one paragraph; a warning when far below it."""
+    parts = []
+    if "dapt_tokens_seen" in b:
+        bound = (f"{b['recipe_dapt_max_epochs']:g} epochs" if b["recipe_bound"] == "epochs"
+                 else f"{fmt_tokens(b['recipe_dapt_max_tokens'])} tokens")
+        parts.append(f"DAPT saw {fmt_tokens(b['dapt_tokens_seen'])} tokens ({b['dapt_corpus_epochs']:.3g} corpus "
+                     f"epochs; the recipe trains {fmt_tokens(b['recipe_tokens'])} here: {bound})")
+    low, high = b["recipe_learning_rate"]
+    lr = "" if low <= b["finetune_learning_rate"] <= high else f", learning rate {b['finetune_learning_rate']:g}"
+    truncated = "" if b["truncated_test"] is None else f"; {b['truncated_test']:.0%} of test texts truncated"
+    epochs = f"{b['finetune_epochs']} epochs"
+    if b.get("finetune_patience"):
+        epochs = f"up to {epochs} (best on dev, patience {b['finetune_patience']}"
+        epochs += f"; {b['finetune_epochs_run']:.2g} run on average)" if b.get("finetune_epochs_run") else ")"
+    parts.append(f"fine-tuning {epochs} at {b['max_seq_length']} tokens{lr} (recipe: up to "
+                 f"{b['recipe_epochs']} epochs, best on dev, patience {b['recipe_patience']}, "
+                 f"{b['recipe_max_seq_length']} tokens, learning rate {low:g} to {high:g}{truncated})")
+    facts = "; ".join(parts)
+    facts = facts[0].upper() + facts[1:]
+    name = "Budget" + (f" (profile {b['profile']})" if b.get("profile") else "")
+    if b["far_below"]:
+        return (f"**{name}: far below the published recipe.** {facts}. Read the verdict as a smoke test of the "
+                "pipeline, not as evidence about DAPT.")
+    return f"{name}: not far below the published recipe. {facts}."
+
+
 def forgetting_section(probe: list[dict], gain: float) -> list[str]:
-    """General-text MLM loss and perplexity before and after DAPT, beside the downstream gain."""
+    """General-text MLM loss and perplexity before and after DAPT, beside the downstream gain; every row compared
+    with the first (`short` names it), and the notes only about rows the table has."""
     lines = ["## Forgetting probe: general text", "",
              f"Downstream gain of the domain model: macro-F1 {gain:+.3f}. What DAPT did to general text, on the "
              "held-out general validation set (the same masked positions for every model):", "",
-             f"| model | general MLM loss | perplexity | vs {'the general model' if probe[0].get('general_model') else 'the first row'} |",
-             "|---|---|---|---|"]
+             f"| model | general MLM loss | perplexity | vs {probe[0]['short']} |", "|---|---|---|---|"]
     base = probe[0]["loss"]
     for row in probe:
         change = "-" if row is probe[0] else f"{row['loss'] - base:+.3f} ({(row['loss'] / base - 1):+.1%})"
         lines.append(f"| {row['name']} | {row['loss']:.3f} | {math.exp(min(row['loss'], 50)):,.1f} | {change} |")
-    lines += ["", "The general model is the base encoder with an MLM head trained alone for the head warm-up (the "
-              "base model may ship without one). Losses under the adapted tokenizer average over its own, slightly "
-              "different, tokens."]
+    if probe[0].get("general_model"):
+        notes = ["The general model is the base encoder with an MLM head trained alone for the head warm-up (the "
+                 "base model may ship without one): the starting point of the base-vocabulary run (domain_novocab)."]
+    else:
+        notes = ["No general-model row: it is the starting point of the base-vocabulary run (domain_novocab), which "
+                 f"was not pretrained here; the rows compare with {probe[0]['short']} instead (the base encoder with "
+                 "the new vocabulary, its MLM head trained alone for the head warm-up)."]
+    if any(row.get("variant") == "domain" for row in probe):
+        notes.append("Losses under the adapted tokenizer average over its own, slightly different, tokens.")
+    lines += ["", " ".join(notes)]
     if any(row["loss"] < row["start"] for row in probe if "start" in row):
         lines[-1] += (" General loss *fell* during DAPT: the MLM head was still learning, which hides any "
                       "forgetting of the encoder; read it as no measurable forgetting at this scale, not as a gain.")
@@ -188,21 +258,24 @@ def curve_section(points: list[dict], general: dict, slope: dict | None, figure:
     return lines
 
 
-def comparison_markdown(verdict: str, summary: dict, diff: dict, tfidf: dict | None, extra: dict[str, dict],
+def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dict[str, dict], extra: dict[str, dict],
                         vocab: dict | None, probe: list[dict], points: list[dict], slope: dict | None,
-                        token_task: bool) -> str:
-    """The comparison report: verdict first, then the table, then what explains it.
+                        token_task: bool, budget: dict, truncated: dict[str, dict], max_len: int) -> str:
+    """The comparison report: verdict first, the budget beside it, then the table, then what explains it.
 
-    `diff`: domain - general (bootstrap, with the per-seed test as `seed_test`); `extra`: `pretrain_<variant>`,
-    `adapt_tokenizer` and `new_tokens`; `vocab`: domain - domain_novocab, when run."""
+    `diff`: domain - general (bootstrap, with the per-seed test as `seed_test`); `references`: compare's TF-IDF
+    scores (`same_text`, `whole_text`); `extra`: `pretrain_<variant>`, `adapt_tokenizer` and `new_tokens`;
+    `vocab`: domain - domain_novocab, when run; `budget`: compare's `budget`; `truncated`: variant -> split ->
+    share of texts longer than `max_len` tokens."""
     names = ("entity macro-F1", "token accuracy") if token_task else ("macro-F1", "accuracy")
-    head = ["# General vs domain-adapted model\n", f"**{verdict}**\n"]
+    head = ["# General vs domain-adapted model\n", f"**{verdict}**\n", budget_line(budget) + "\n"]
     pre = extra.get("pretrain_domain")
     if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
         head.append(f"Pretraining hit its budget ({pre['steps']:,} steps, {pre['tokens_seen']:,} tokens, "
                     f"{pre['corpus_epochs']:.2f} corpus epochs) with domain validation loss still falling: this "
                     "measures a short adaptation, not a converged one.\n")
-    head += scores_table(summary, tfidf, names)
+    head += scores_table(summary, reference_labels(references, max_len), names)
+    head += ["", truncation_line(truncated, max_len, bool(references), token_task)]
     if token_task:
         head += ["", "No TF-IDF reference: it is a sequence classifier. Entity macro-F1 is seqeval's, over entity "
                  "types; token accuracy counts every word's tag."]

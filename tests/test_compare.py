@@ -100,11 +100,11 @@ import mlflow  # noqa: E402
 
 from stages.compare import CompareParams, run  # noqa: E402
 from stages.finetune import FinetuneParams, TrainingParams, run_name, scores  # noqa: E402
-from tests.conftest import write_jsonl  # noqa: E402
+from tests.conftest import wordpiece_tokenizer, write_jsonl  # noqa: E402
 
 SEEDS = [0, 1, 2]
 FP = FinetuneParams(variants=["general", "domain", "domain_novocab"], seeds=SEEDS, training=TrainingParams(
-    learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=8, warmup_ratio=0, weight_decay=0))
+    learning_rate=1e-4, epochs=1, batch_size=2, max_seq_length=16, warmup_ratio=0, weight_decay=0))
 CLASSES = ["copyleft", "permissive", "proprietary"]
 # share of test texts each model gets right: domain clearly better; the curve rises from 0% to 50% to 100%
 ACCURACY = {"general": 0.6, "domain": 0.9, "domain_novocab": 0.8, "domain-at0": 0.55, "domain-at50": 0.75}
@@ -123,10 +123,13 @@ def write_run(project, name: str, metrics: dict, rows: list[dict]) -> None:
 
 
 def fabricate(project) -> None:
-    """Everything compare reads: task, 3 variants x 3 seeds, a curve at 0% and 50%, pretrain and tokenizer."""
+    """Everything compare reads: task, base tokenizer, 3 variants x 3 seeds, a curve at 0% and 50%, pretrain and
+    tokenizer metrics. Every fifth text is longer than FP's 16 tokens (the label word comes first)."""
     gold = [CLASSES[i % 3] for i in range(150)]
-    write_jsonl(project.task / "train.jsonl", [{"text": f"{y} licence text {i}", "label": y} for i, y in enumerate(gold)])
-    write_jsonl(project.task / "test.jsonl", [{"text": f"{y} licence text {i}", "label": y} for i, y in enumerate(gold)])
+    for split in ("train", "dev", "test"):
+        write_jsonl(project.task / f"{split}.jsonl", [{"text": f"{y} licence {i}" + " text" * 8 * (i % 5 == 0),
+                                                       "label": y} for i, y in enumerate(gold)])
+    wordpiece_tokenizer().save_pretrained(project.base_model)
     for key in ACCURACY:
         variant, at = (key.split("-at")[0], int(key.split("-at")[1])) if "-at" in key else (key, None)
         for seed in SEEDS:
@@ -171,7 +174,17 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     assert "| domain | 200 | max_steps | 200 | 409,600 | 1.25 | 360 | domain |" in report
     general = [json.loads((project.finetune / f"general-{s}" / "metrics.json").read_text())["test_macro_f1"]
                for s in SEEDS]
-    assert f"| general | 3 | {sum(general) / 3:.3f} +- " in report and "| TF-IDF + LR (reference) | - |" in report
+    assert f"| general | 3 | {sum(general) / 3:.3f} +- " in report
+    # the references: one on the text the transformers saw (the first 16 tokens), one on whole texts
+    assert "| TF-IDF + LR, same text as the transformers (first 16 tokens) | - |" in report
+    assert "| TF-IDF + LR, whole text | - |" in report
+    assert "nothing after: 20% of test texts were longer (counted with the general model's tokenizer)" in report
+    # the budget, right after the verdict: 409,600 tokens of a 327,680-token corpus (1.25 epochs) is an eighth of
+    # the recipe's 10 epochs, but 1 fine-tuning epoch and 20% of test texts cut are far below it
+    assert lines[4].startswith("**Budget: far below the published recipe.** DAPT saw 0.41M tokens (1.25 corpus "
+                               "epochs; the recipe trains 3.28M here: 10 epochs); fine-tuning 1 epochs at 16 tokens")
+    assert lines[4].endswith("20% of test texts truncated). Read the verdict as a smoke test of the pipeline, not as "
+                             "evidence about DAPT.")
     # forgetting probe: the general model is the base-vocabulary run's start
     assert "| general model (base encoder and vocabulary) | 5.000 | 148.4 | - |" in report
     assert "| domain after DAPT (step 200) | 5.500 | 244.7 | +0.500 (+10.0%) |" in report
@@ -186,6 +199,19 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
         assert f"(figures/{name}.png)" in report
     metrics = json.loads((project.metrics / "compare.json").read_text())
     assert metrics["domain_minus_general_ci_low"] > 0 and metrics["domain_minus_general_p_value"] < 0.05
+    assert metrics["general_truncated_test"] == metrics["budget_truncated_test"] == pytest.approx(0.2)
+    assert metrics["budget_recipe_tokens"] == 3_276_800 and metrics["budget_far_below"] is True
+    assert "budget_profile" not in metrics  # none given
+    # the headline `dvc metrics show` prints: the verdict's numbers, a dozen of them
+    head = json.loads((project.metrics / "headline.json").read_text())
+    assert head["verdict"] == "better" and head["f1_diff"] == metrics["domain_minus_general_macro_f1_mean"]
+    assert head["f1_domain"] == metrics["domain_macro_f1_mean"] and head["p_value"] < 0.05
+    assert head["f1_tfidf_same_text"] == metrics["tfidf_same_text_macro_f1"]
+    assert head["f1_tfidf_whole_text"] == metrics["tfidf_whole_text_macro_f1"]
+    assert head["dapt_tokens"] == 409_600 and head["far_below_recipe"] is True
+    assert head["truncated_test"] == pytest.approx(0.2)
+    assert head["general_loss_ratio"] == pytest.approx(5.5 / 5.0)  # domain after DAPT / the general model
+    assert len(head) <= 15
     assert metrics["general_text_loss_domain"] == 5.5 and metrics["curve_50_macro_f1_mean"] < \
         metrics["domain_macro_f1_mean"]
     curve = (project.metrics / "adaptation_curve.csv").read_text().splitlines()
@@ -244,8 +270,9 @@ def test_html_report_renders_offline_in_headless_chromium(project, tmp_path):
 
 def test_stage_on_a_token_classification_task(project):
     gold = [["B-LAW", "I-LAW", "O", "B-ORG"], ["O", "B-ORG", "O"], ["B-LAW", "O", "O"]] * 20
-    write_jsonl(project.task / "train.jsonl", [{"tokens": ["x"] * len(t), "tags": t, "text": "x"} for t in gold])
-    write_jsonl(project.task / "test.jsonl", [{"tokens": ["x"] * len(t), "tags": t, "text": "x"} for t in gold])
+    for split in ("train", "dev", "test"):
+        write_jsonl(project.task / f"{split}.jsonl", [{"tokens": ["x"] * len(t), "tags": t, "text": "x"} for t in gold])
+    wordpiece_tokenizer().save_pretrained(project.base_model)
     from seqeval.metrics import f1_score
 
     fp = FP.model_copy(update={"variants": ["general", "domain"], "seeds": [0, 1]})
@@ -260,6 +287,8 @@ def test_stage_on_a_token_classification_task(project):
     report = (project.reports / "comparison.md").read_text()
     assert "| variant | seeds | test entity macro-F1 | test token accuracy |" in report
     assert "No TF-IDF reference" in report and "test sentences" in report
+    assert "first 16 tokens of each sentence (special tokens included) and nothing after: 0% of test sentences" in report
+    assert "TF-IDF row" not in report
     metrics = json.loads((project.metrics / "compare.json").read_text())
     expected = sum(json.loads((project.finetune / f"{v}-{s}" / "metrics.json").read_text())["test_macro_f1"]
                    * (1 if v == "domain" else -1) for v in ("domain", "general") for s in fp.seeds) / 2
@@ -283,3 +312,119 @@ def test_curve_leaves_out_snapshots_training_never_reached(project):
     assert [(p["label"], p["step"], p["tokens_seen"]) for p in points] == [
         ("0%", 0, 0), ("final (step 80, patience)", 80, 80 * 2048)]
     assert points[1]["device_hours"] == pytest.approx(60 / 3600)
+
+
+def test_stage_with_a_subset_of_variants_and_truncation_recorded_by_the_runs(project):
+    """finetune.variants without domain_novocab: the forgetting table compares with the domain model before DAPT
+    (no general-model row to compare with), and says so; truncation comes from the runs, per variant."""
+    fabricate(project)
+    fp = FP.model_copy(update={"variants": ["general", "domain"]})
+    for variant, share in (("general", 0.5), ("domain", 0.25)):
+        for seed in SEEDS:
+            path = project.finetune / run_name(variant, seed) / "metrics.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "epochs_run": 1.0,
+                                        "truncated": {"train": share, "dev": share, "test": share}}))
+    run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=200), fp, project, [], "cpu-demo")
+    report = (project.reports / "comparison.md").read_text()
+    assert report.splitlines()[4].startswith("**Budget (profile cpu-demo): far below the published recipe.**")
+    assert "50% of test texts were longer (general 50%, domain 25%: each variant's own tokenizer)" in report
+    assert "| model | general MLM loss | perplexity | vs domain before DAPT |" in report
+    assert "| domain before DAPT (new vocabulary, step 0) | 5.100 |" in report
+    assert "| domain after DAPT (step 200) | 5.500 | 244.7 | +0.400 (+7.8%) |" in report
+    assert "general model (base" not in report and "The general model is" not in report
+    assert "No general-model row" in report and "domain_novocab after" not in report
+    head = json.loads((project.metrics / "headline.json").read_text())
+    assert head["profile"] == "cpu-demo" and head["truncated_test"] == 0.5
+    assert head["general_loss_ratio"] == pytest.approx(5.5 / 5.1)
+    metrics = json.loads((project.metrics / "compare.json").read_text())
+    assert metrics["domain_truncated_test"] == 0.25 and metrics["budget_finetune_epochs_run"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the transformers saw, the budget, the forgetting table, the metrics DVC shows
+
+
+def test_seen_texts_cut_where_the_last_token_that_fits_ends():
+    from stages.compare import seen_texts, truncated_share
+    from tests.conftest import bpe_tokenizer
+
+    text = "The cat sat on the mat and the dog slept by the fire while it rained outside."
+    # 8 positions: [CLS] + 6 tokens + [SEP]; WordPiece knows these words whole, byte-level BPE splits them
+    assert seen_texts(wordpiece_tokenizer(), [text, "The cat sat."], 8) == ["The cat sat on the mat", "The cat sat."]
+    assert seen_texts(bpe_tokenizer(), [text], 8) == ["The cat sat on"]  # The, Ġc, at, Ġs, at, Ġon
+    # a word cut inside: the text ends where its last piece that fits ends
+    assert seen_texts(wordpiece_tokenizer(), ["copyleft licence text"], 8) == ["copyleft licence t"]
+    assert truncated_share(wordpiece_tokenizer(), [{"text": text}, {"text": "The cat sat."}], 8) == 0.5
+    words = [{"tokens": text.split()}, {"tokens": ["The", "cat"]}, {"tokens": ["the"] * 6}]  # 6 + 2 specials fit
+    assert truncated_share(wordpiece_tokenizer(), words, 8) == pytest.approx(1 / 3)
+
+
+def test_budget_far_below_the_recipe_and_not():
+    from stages.compare import RECIPE, budget
+    from stages.report import budget_line
+
+    demo = TrainingParams(learning_rate=1e-4, epochs=2, batch_size=16, max_seq_length=64, warmup_ratio=0.1,
+                          weight_decay=0.01)
+    b = budget({"tokens_seen": 307_200, "corpus_epochs": 0.3}, demo, 0.87, "cpu-demo")
+    assert b["recipe_tokens"] == 10_240_000 and b["recipe_bound"] == "epochs"  # 10 epochs of a 1.024M corpus
+    assert b["reasons"] == ["dapt", "epochs", "truncated"] and b["far_below"]
+    assert budget_line(b) == (
+        "**Budget (profile cpu-demo): far below the published recipe.** DAPT saw 0.307M tokens (0.3 corpus epochs; "
+        "the recipe trains 10.2M here: 10 epochs); fine-tuning 2 epochs at 64 tokens, learning rate 0.0001 (recipe: "
+        "up to 10 epochs, best on dev, patience 3, 512 tokens, learning rate 2e-05 to 5e-05; 87% of test texts "
+        "truncated). Read the verdict as a smoke test of the pipeline, not as evidence about DAPT.")
+    # each reason alone is enough
+    assert budget({"tokens_seen": 900_000, "corpus_epochs": 0.9}, demo.model_copy(update={"epochs": 3}), 0.0,
+                  None)["reasons"] == ["dapt"]  # a tenth of the recipe's 10 epochs is the line: 0.9 is under
+    assert budget({"tokens_seen": 1_000_000, "corpus_epochs": 1.0}, demo.model_copy(update={"epochs": 3}), 0.0,
+                  None)["reasons"] == []
+    recipe = TrainingParams(learning_rate=2e-5, epochs=10, patience=3, batch_size=16, max_seq_length=512,
+                            warmup_ratio=0.06, weight_decay=0.01)
+    assert budget(None, recipe, 0.11, None)["reasons"] == ["truncated"]
+    assert budget(None, recipe.model_copy(update={"epochs": 2}), 0.0, None)["reasons"] == ["epochs"]
+    # a large corpus: the recipe stops at 2B tokens; 1.5B of them is not far below
+    big = budget({"tokens_seen": 1_500_000_000, "corpus_epochs": 0.3}, recipe, 0.05, None, epochs_run=4.5)
+    assert big["recipe_tokens"] == RECIPE.dapt_max_tokens and big["recipe_bound"] == "tokens"
+    assert not big["far_below"] and big["dapt_share_of_recipe"] == pytest.approx(0.75)
+    assert budget_line(big) == (
+        "Budget: not far below the published recipe. DAPT saw 1.5B tokens (0.3 corpus epochs; the recipe trains 2B "
+        "here: 2B tokens); fine-tuning up to 10 epochs (best on dev, patience 3; 4.5 run on average) at 512 tokens "
+        "(recipe: up to 10 epochs, best on dev, patience 3, 512 tokens, learning rate 2e-05 to 5e-05; 5% of test "
+        "texts truncated).")
+
+
+def test_forgetting_table_header_and_notes_follow_the_variants_that_ran():
+    from stages.compare import forgetting_probe
+    from stages.report import forgetting_section
+
+    def pre(start, best):
+        return {"general_loss_start": start, "general_loss_best": best, "best_step": 10}
+
+    both = forgetting_section(forgetting_probe({"pretrain_domain": pre(5.1, 5.5),
+                                                "pretrain_domain_novocab": pre(5.0, 5.4)}), 0.01)
+    assert "| model | general MLM loss | perplexity | vs the general model |" in both
+    assert "| general model (base encoder and vocabulary) | 5.000 | 148.4 | - |" in both[6]
+    assert any("The general model is the base encoder" in line for line in both)
+    only_domain = "\n".join(forgetting_section(forgetting_probe({"pretrain_domain": pre(5.1, 5.5)}), 0.01))
+    assert "vs domain before DAPT |" in only_domain and "| domain before DAPT (new vocabulary, step 0) | 5.100 |" \
+        in only_domain and "general model (base" not in only_domain and "The general model is" not in only_domain
+    assert "No general-model row" in only_domain and "adapted tokenizer" in only_domain
+    only_novocab = "\n".join(forgetting_section(forgetting_probe({"pretrain_domain_novocab": pre(5.0, 5.4)}), 0.01))
+    assert "vs the general model |" in only_novocab and "domain before DAPT" not in only_novocab
+    assert "| domain_novocab after DAPT (step 10) | 5.400 |" in only_novocab
+    assert "adapted tokenizer" not in only_novocab  # no row under it
+    assert forgetting_probe({"adapt_tokenizer": {}}) == []
+
+
+def test_dvc_metrics_show_prints_the_headline_only():
+    """Every other metrics file is a plain output (cache: false): `dvc metrics show` prints one short row, and
+    `dvc metrics show metrics/compare.json` the detail."""
+    import yaml
+    from pathlib import Path
+
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    declared = [next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])]
+    assert declared == ["${paths.metrics}/headline.json"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])]
+    for name in ("ingest", "clean", "adapt_tokenizer", "pretrain_${item.variant}", "compare"):
+        assert f"${{paths.metrics}}/{name}.json" in outs, name
