@@ -428,3 +428,19 @@ def test_dvc_metrics_show_prints_the_headline_only():
     outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])]
     for name in ("ingest", "clean", "adapt_tokenizer", "pretrain_${item.variant}", "compare"):
         assert f"${{paths.metrics}}/{name}.json" in outs, name
+
+
+def test_params_sections_hold_the_published_recipe():
+    """What a user's own data gets (no profile) is what the report measures budgets against."""
+    from pathlib import Path
+
+    from stages.common import read_params_file
+    from stages.compare import RECIPE
+
+    data = read_params_file(Path(__file__).resolve().parents[1] / "params.yaml", profile=False)
+    pre, ft = data["pretrain"], data["finetune"]["training"]
+    assert (pre["max_steps"], pre["max_tokens"], pre["max_epochs"]) == (None, RECIPE.dapt_max_tokens,
+                                                                          RECIPE.dapt_max_epochs)
+    assert RECIPE.learning_rate[0] <= ft["learning_rate"] <= RECIPE.learning_rate[1]
+    assert (ft["epochs"], ft["patience"], ft["max_seq_length"]) == (RECIPE.epochs, RECIPE.patience,
+                                                                    RECIPE.max_seq_length)
