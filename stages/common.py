@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -215,12 +216,13 @@ def set_threads(n: int) -> None:
     tokenizers' Rust pool): on a busy machine, threads that wait for a core cost more than they give."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[var] = str(n)
-    # here, not at the top: clean and ingest run without torch. numpy's BLAS (scikit-learn's fits) read the
-    # variables when loaded, before this runs: threadpoolctl resizes their pools
-    import torch
+    # torch and numpy's BLAS (scikit-learn's fits) read the variables when loaded, which is usually before this
+    # runs: resize the pools of those already loaded. Not an import: clean and ingest never load torch
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(n)
     threadpool_limits(n)
 
 
