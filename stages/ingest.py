@@ -169,7 +169,9 @@ def files_inputs(p: IngestParams) -> tuple[Iterable[dict], Iterable[dict], dict[
     if p.files.general is None:
         log.info("ingest: ingest.files.general is not set: the general reference is gensim's Wikipedia and Lee "
                  "news text (set it to text like what your base model was pretrained on)")
-    general = general_reference() if p.files.general is None else read_input(p.files, "general")
+        general = general_reference()
+    else:
+        general = read_input(p.files, "general")
     return read_input(p.files, "domain"), general, splits
 
 

@@ -9,6 +9,7 @@ preset. The tiny random BERT is the smoke's (`tests/smoke.py`) and so are the bu
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -186,10 +187,8 @@ def finished(tmp_path_factory, corpus):
     # what dvc.yaml expands into stage names stays in the sections; the budgets go into a profile
     templated = {"pretrain": {"snapshots": SMOKE_PARAMS["pretrain"]["snapshots"]},
                  "finetune": {"seeds": SEEDS}}
-    budget = deep_update(SMOKE_PARAMS, {"pretrain": {"snapshots": None}, "finetune": {"seeds": None}})
-    budget["pretrain"].pop("snapshots")
-    budget["finetune"].pop("seeds")
-    budget.pop("ingest")
+    budget = copy.deepcopy({k: v for k, v in SMOKE_PARAMS.items() if k != "ingest"})
+    del budget["pretrain"]["snapshots"], budget["finetune"]["seeds"]
     ws = make_workspace(tmp / "ws", deep_update(templated, {
         "ingest": {**SMOKE_PARAMS["ingest"], "source": "files", "files": files},
         "clean": {"preset": "scientific"},
