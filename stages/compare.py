@@ -400,6 +400,17 @@ def forgetting_probe(extra: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def snapshot_device_hours(pre: dict | None, pct: int, step: int) -> float:
+    """The compute behind the snapshot at `pct`: pretrain's record (its metrics, not the snapshot folder, hold the
+    time), or the run's share by steps where it has none (a snapshot saved before a resumed run's restart)."""
+    recorded = (pre or {}).get("snapshot_device_hours", {}).get(str(pct))
+    if recorded is not None:
+        return recorded
+    if pre is None:
+        return float("nan")
+    return pre.get("device_hours", pre["seconds"] / 3600) * step / max(pre["steps"], 1)
+
+
 def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: dict, pre: dict | None) -> list[dict]:
     """One point per pretraining snapshot and the final domain model: macro-F1 over seeds, the compute behind
     it, and the paired per-seed difference to the general model."""
@@ -410,7 +421,8 @@ def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: d
         if not snap.get("reached", True):  # training stopped first: this snapshot is the final model again
             continue
         points.append({"label": f"{pct}%", "percent": pct, "at": pct, "runs": by_seed,
-                       **{k: snap[k] for k in ("step", "tokens_seen", "device_hours", "device")},
+                       **{k: snap[k] for k in ("step", "tokens_seen", "device")},
+                       "device_hours": snapshot_device_hours(pre, pct, snap["step"]),
                        "corpus_epochs": snap.get("corpus_epochs")})
     if pre is not None:
         # the saved model is the best evaluation's: its tokens are those seen up to that step; its device-hours

@@ -33,8 +33,8 @@ Variants (`pretrain.variants`): `domain` starts from the adapted tokenizer and e
 from continued pretraining.
 
 Crash safety: every `save_steps` a checkpoint (model, optimiser, scheduler, RNG states, data position and
-the early-stopping state) goes to `checkpoints/<variant>`, which DVC keeps between runs (`persist`), as
-does the tokenised data (`tokens/`). Rerunning the stage after a crash resumes from the last checkpoint of a
+the early-stopping state) goes to `checkpoints/<variant>`, which is no DVC output (DVC leaves it alone between runs,
+and a clone with `dvc pull` does not miss it), as is the tokenised data (`tokens/`). Rerunning the stage after a crash resumes from the last checkpoint of a
 run with the same params and inputs.
 
 Run: `dvc repro pretrain` (every variant) or `python -m stages.pretrain --variant domain` (`--tokenize-only` fills
@@ -301,15 +301,21 @@ class Snapshots(TrainerCallback):
         self.p, self.root, self.tok, self.processes, self.clock = p, root, tok, processes, clock
         self.main_process, self.train_blocks = main_process, train_blocks
         self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.device_hours: dict[str, float] = {}  # percent -> device-hours when that snapshot was saved
 
     def compute(self, step: int) -> dict:
-        """What the model at DAPT `step` cost: tokens trained on and device-hours since the stage started
-        (head warm-up and evaluations included; a resumed run counts from its restart)."""
-        seconds = time.time() - (self.clock.started if self.clock else time.time())
+        """What the model at DAPT `step` cost in data: tokens trained on, corpus epochs. Deterministic: the snapshot
+        folders are fine-tuning's inputs, and a wall-clock value there would rerun every curve point whenever
+        pretraining reruns. The time goes to `device_hours` (metrics/pretrain_<variant>.json) instead."""
         return {"step": step, "tokens_seen": step * self.p.tokens_per_step(self.processes),
                 "corpus_epochs": epochs(self.p, step, self.train_blocks, self.processes) if self.train_blocks else None,
-                "seconds": round(seconds, 1), "device_hours": seconds * self.processes / 3600,
                 "device": self.device, "processes": self.processes}
+
+    def record_time(self, pct: int) -> None:
+        """Device-hours since the stage started (head warm-up and evaluations included; a resumed run counts
+        from its restart), for the snapshot at `pct`."""
+        seconds = time.time() - (self.clock.started if self.clock else time.time())
+        self.device_hours[str(pct)] = seconds * self.processes / 3600
 
     def save(self, model: SparseMLM, pct: int, step: int) -> None:
         if self.main_process:
@@ -317,6 +323,7 @@ class Snapshots(TrainerCallback):
                 model.mlm.save_pretrained(tmp)
                 self.tok.save_pretrained(tmp)
                 write_json(tmp / "snapshot.json", {"percent": pct, "reached": True, **self.compute(step)})
+        self.record_time(pct)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         pct = self.p.snapshot_steps().get(state.global_step)
@@ -332,6 +339,7 @@ class Snapshots(TrainerCallback):
                 with atomic_path(self.root / str(pct)) as tmp:
                     shutil.copytree(final, tmp)
                     write_json(tmp / "snapshot.json", {"percent": pct, "reached": False, **self.compute(final_step)})
+                self.record_time(pct)
 
 
 def curve_csv(history: list[dict]) -> str:
@@ -488,6 +496,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             "seconds": round(time.time() - stopping.started, 1),  # a resumed run's earlier time included
             "device_hours": (time.time() - stopping.started) * state.num_processes / 3600,
             "device": snapshots.device,
+            "snapshot_device_hours": snapshots.device_hours,  # the adaptation curve's compute axis
             **{f"{k}_start": v for k, v in first.items() if k != "step"},
             **{f"{k}_best": v for k, v in best.items() if k != "step"},
             **{f"{k}_end": v for k, v in last.items() if k != "step"},

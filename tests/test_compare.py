@@ -140,7 +140,7 @@ def fabricate(project) -> None:
             if at is not None:
                 m.update(dapt_percent=at, snapshot={"percent": at, "reached": True, "step": at * 2,
                                                     "tokens_seen": at * 2 * 2048, "corpus_epochs": at / 80,
-                                                    "device_hours": at / 1000, "device": "cpu"})
+                                                    "device": "cpu"})
             write_run(project, run_name(variant, seed, at), m,
                       [{"id": i, "label": y, "pred": p} for i, (y, p) in enumerate(zip(gold, pred))])
     project.metrics.mkdir()
@@ -148,7 +148,8 @@ def fabricate(project) -> None:
         (project.metrics / f"pretrain_{v}.json").write_text(json.dumps({
             "stop_reason": "max_steps", "steps": 200, "best_step": 200, "tokens_seen": 409600, "corpus_epochs": 1.25,
             "seconds": 360.0,
-            "device_hours": 0.1, "device": "cpu", "domain_loss_start": 6.0, "domain_loss_best": 4.0,
+            "device_hours": 0.1, "snapshot_device_hours": {str(at): at / 1000 for at in (0, 50)},
+            "device": "cpu", "domain_loss_start": 6.0, "domain_loss_best": 4.0,
             "domain_loss_end": 4.0, "general_loss_start": 5.0 + (v == "domain") * 0.1, "general_loss_best": general_end,
             "general_loss_end": general_end}))
         (project.metrics / f"pretrain_{v}_curve.csv").write_text(
@@ -312,6 +313,7 @@ def test_curve_leaves_out_snapshots_training_never_reached(project):
     assert [(p["label"], p["step"], p["tokens_seen"]) for p in points] == [
         ("0%", 0, 0), ("final (step 80, patience)", 80, 80 * 2048)]
     assert points[1]["device_hours"] == pytest.approx(60 / 3600)
+    assert points[0]["device_hours"] == 0  # no record (a resumed run): the run's share by steps
 
 
 def test_stage_with_a_subset_of_variants_and_truncation_recorded_by_the_runs(project):
