@@ -1,56 +1,99 @@
-"""The DVC pipeline as a Prefect flow: one task per DVC stage, in the order of DVC's own graph.
+"""The DVC pipeline as a Prefect flow: one task per DVC stage, independent stages side by side.
 
-Each task runs `dvc repro --single-item <stage>` (so DVC still decides what is up to date) and streams the
-stage's output into the Prefect log. Tasks run one after another: DVC allows one process per workspace.
-The flow opens an MLflow parent run; every stage's run becomes its child. The comparison report (verdict and
-tables) becomes a Prefect markdown artifact.
+Each task runs `dvc repro --single-item <stage>` (so DVC still decides what is up to date and records every
+output) and streams the stage's output into the Prefect log. A stage starts once the stages it depends on in
+DVC's graph have finished, on a free device: up to `pipeline.max_parallel` stages at once, each pinned to its
+own GPU (`CUDA_VISIBLE_DEVICES`); a stage run through a multi-process launcher (`pretrain.launcher`) takes every
+device. DVC's short repo-lock waits between concurrent stages are retried.
+One flow run at a time per workspace: a second waits for the first (a lock file, and the deployments'
+concurrency limit of 1 with enqueueing, so the UI shows it as AwaitingConcurrencySlot).
+The flow opens an MLflow parent run; every stage's run becomes its child. With `pipeline.dvc_remote` set, it
+pulls from that DVC remote before the stages and pushes after. The comparison report (verdict and tables)
+becomes a Prefect markdown artifact.
 
 Run once:   python -m flows.pipeline            (or `dapt-flow`)
 Schedule:   python -m flows.pipeline --serve    (a deployment on `pipeline.cron` from params.yaml;
             start `prefect server start` first to see it, its scheduled runs and their logs in the UI)
+Work pool:  prefect deploy --name dapt-pool; prefect worker start --pool dapt   (prefect.yaml)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import networkx as nx
 import yaml
+from filelock import FileLock
 from prefect import flow, get_run_logger, serve, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.schedules import Cron
+from pydantic import Field
+
+from stages.common import Section, validate_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENT_ENV = "DAPT_MLFLOW_PARENT_RUN_ID"  # read by stages/tracking.py
 EXPERIMENT = "dapt"
+# one run per deployment at a time; the others wait in the queue (Prefect: AwaitingConcurrencySlot)
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")  # dvc/lock.py, dvc/rwlock.py
+LOCK_RETRY_SECONDS = 600  # DVC holds its repo lock for seconds around each stage; give up after this long
+PROGRESS_EVERY = 30.0  # seconds between two log lines of one progress bar
 
 
-def stage_order(root: Path = ROOT) -> list[str]:
-    """Every stage address (`finetune@general-0` included) in an execution order of DVC's graph."""
+class PipelineParams(Section):
+    """`pipeline:` in params.yaml: how the flow runs the stages; no stage's result depends on it."""
+
+    cron: str
+    timezone: str = "UTC"
+    # stages at once; null: one per visible GPU, 1 without a GPU
+    max_parallel: int | None = Field(None, ge=1)
+    dvc_remote: str | None = None  # a `dvc remote add` name: pull before the stages, push after
+
+
+def settings(root: Path = ROOT) -> PipelineParams:
+    """The `pipeline:` section of params.yaml, validated."""
+    path = root / "params.yaml"
+    return validate_section(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, "pipeline", PipelineParams, path)
+
+
+def dag(root: Path = ROOT) -> dict[str, tuple[list[str], str]]:
+    """Every stage address (`finetune@general-0` included) in an execution order of DVC's graph, with the stages
+    it depends on and its command."""
     from dvc.repo import Repo
 
     # DVC names a stage relative to the working directory ("../x/dvc.yaml:first" from elsewhere)
     with contextlib.chdir(root), Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
-        return [stage.addressing for stage in order]
+        return {s.addressing: (sorted(d.addressing for d in graph.successors(s)), s.cmd or "") for s in order}
 
 
-def settings(root: Path = ROOT) -> dict:
-    """The `pipeline:` section of params.yaml (schedule)."""
-    data = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
-    section = data.get("pipeline") or {}
-    unknown = set(section) - {"cron", "timezone"}
-    if unknown or "cron" not in section:
-        raise ValueError(f"params.yaml: pipeline: needs 'cron' (and optional 'timezone'); unknown keys {sorted(unknown)}")
-    return section
+def stage_order(root: Path = ROOT) -> list[str]:
+    """Every stage address in an execution order of DVC's graph."""
+    return list(dag(root))
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them (empty on a CPU machine)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
 
 
 def stage_env(parent_run_id: str | None) -> dict[str, str]:
@@ -62,65 +105,232 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     return env
 
 
-# one retry for transient failures (a hub download, a full disk freed by a cleanup); DVC skips what finished
-@task(retries=1, retry_delay_seconds=60, timeout_seconds=12 * 3600)
-def run_stage(stage: str, root: str, env: dict[str, str]) -> None:
-    """`dvc repro --single-item <stage>`, its output streamed line by line into the Prefect log."""
-    logger = get_run_logger()
-    cmd = ["dvc", "repro", "--single-item", stage]
-    logger.info("$ %s", " ".join(cmd))
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
+def slot_env(env: dict[str, str], gpus: list[str], slots: int) -> dict[str, str]:
+    """A stage's environment on its device(s): the GPUs it may see; on a CPU, its share of the cores (unless
+    OMP_NUM_THREADS or `runtime.threads` says otherwise), so that parallel stages do not oversubscribe them."""
+    env = dict(env)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    elif slots > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots))
+    return env
+
+
+LAUNCHERS = {"torchrun", "accelerate", "deepspeed", "mpirun", "srun"}  # what pretrain.launcher may name
+
+
+def exclusive(cmd: str) -> bool:
+    """A stage started through a multi-process launcher (`pretrain.launcher`) wants every device."""
+    return bool(cmd.strip()) and Path(shlex.split(cmd)[0]).name in LAUNCHERS
+
+
+# ---------------------------------------------------------------------------------------------------
+# a stage's output in the Prefect log: each line at its own level, a progress bar not an update a line
+
+_STAGE_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # setup_logging's
+_PREFIXED = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL): ")  # DVC's own messages
+_PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")  # the warnings module
+
+
+class StageLog:
+    """Turns a stage's output stream into log records. A line keeps the level it was written with (stage loggers,
+    DVC's `ERROR:`, Python warnings, a traceback); a progress bar (tqdm redraws a line after `\\r`) gives one
+    record per `PROGRESS_EVERY` seconds and its final state, not one per redraw."""
+
+    def __init__(self, log: logging.Logger | logging.LoggerAdapter, progress_every: float = PROGRESS_EVERY):
+        self.log, self.progress_every = log, progress_every
+        self.buffer, self.last_progress, self.in_traceback = "", float("-inf"), False
+
+    def feed(self, text: str) -> None:
+        self.buffer += text
+        *pieces, self.buffer = re.split(r"(\r\n|\n|\r)", self.buffer)
+        for piece, end in zip(pieces[::2], pieces[1::2]):
+            if end == "\r":  # a redraw: the line is not finished
+                if piece.strip() and time.monotonic() - self.last_progress >= self.progress_every:
+                    self.last_progress = time.monotonic()
+                    self.log.info(piece.rstrip())
+            elif piece.strip():
+                self.log.log(self.level(piece), piece.rstrip())
+
+    def close(self) -> None:
+        if self.buffer.strip():
+            self.log.log(self.level(self.buffer), self.buffer.rstrip())
+        self.buffer = ""
+
+    def level(self, line: str) -> int:
+        if line.startswith("Traceback (most recent call last)"):
+            self.in_traceback = True
+        if self.in_traceback:
+            # the frames are indented; the exception's own line ends the traceback
+            self.in_traceback = line[:1].isspace() or line.startswith("Traceback")
+            return logging.ERROR
+        match = _STAGE_LOG.match(line) or _PREFIXED.match(line)
+        if match:
+            return logging.getLevelName(match.group(1))
+        return logging.WARNING if _PY_WARNING.match(line) else logging.INFO
+
+
+def stream(cmd: list[str], root: str, env: dict[str, str], log: StageLog) -> tuple[int, str]:
+    """Run `cmd`, its output fed to `log` as it comes; returns the exit code and the output's last 4 KB."""
+    tail = ""
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         try:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.strip():
-                    logger.info(line.rstrip())
+            # raw reads, not lines: a progress bar redraws with \r and ends its line only when it finishes
+            while chunk := proc.stdout.read1(65536):
+                text = chunk.decode("utf-8", errors="replace")
+                log.feed(text)
+                tail = (tail + text)[-4096:]
+            log.close()
         finally:  # a timeout or cancellation must not leave DVC running and holding the repo lock
             if proc.poll() is None:
                 proc.kill()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return proc.returncode, tail
+
+
+# one retry for transient failures (a hub download, a full disk freed by a cleanup); DVC skips what finished.
+# No task timeout: tasks run in threads, where Prefect cannot interrupt one; the stage bounds its own time
+@task(retries=1, retry_delay_seconds=60)
+def run_stage(stage: str, root: str, env: dict[str, str]) -> None:
+    """`dvc repro --single-item <stage>`, its output streamed into the Prefect log; retried while another stage
+    holds DVC's repo lock (DVC waits only 3 s for it)."""
+    logger = get_run_logger()
+    cmd = ["dvc", "repro", "--single-item", stage]
+    if env.get("CUDA_VISIBLE_DEVICES"):
+        logger.info("on GPU %s", env["CUDA_VISIBLE_DEVICES"])
+    deadline, wait = time.monotonic() + LOCK_RETRY_SECONDS, 2.0
+    while True:
+        logger.info("$ %s", " ".join(cmd))
+        code, tail = stream(cmd, root, env, StageLog(logger))
+        if code == 0:
+            return
+        if not any(err in tail for err in LOCK_ERRORS) or time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
+        logger.info("DVC's lock is held by another stage: retrying in %.0f s", wait)
+        time.sleep(wait)
+        wait = min(wait * 2, 30.0)
+
+
+@task(retries=2, retry_delay_seconds=30)
+def dvc_sync(action: str, remote: str, root: str, env: dict[str, str]) -> None:
+    """`dvc pull` (what is missing on the remote is left to the stages) or `dvc push` to `remote`."""
+    logger = get_run_logger()
+    cmd = ["dvc", action, "-r", remote, *(["--allow-missing"] if action == "pull" else [])]
+    logger.info("$ %s", " ".join(cmd))
+    code, _ = stream(cmd, root, env, StageLog(logger))
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}: is remote '{remote}' configured "
+                           f"(`dvc remote list`) and reachable?")
+
+
+def run_stages(graph: dict[str, tuple[list[str], str]], root: str, env: dict[str, str], max_parallel: int,
+               gpus: list[str]) -> list[str]:
+    """Every stage of `graph` once the stages it depends on have completed, up to `max_parallel` at once, each on
+    its own device. After a failure the stages that do not depend on it still run; then the failure is raised.
+    Returns the stages in the order they started."""
+    logger = get_run_logger()
+    # a slot is a place to run; with GPUs it is one GPU (several slots share one when max_parallel > GPUs)
+    free = [gpus[i % len(gpus)] if gpus else "" for i in range(max_parallel)]
+    pending, running, futures, done, failed = list(graph), {}, {}, set(), set()
+    while pending or running:
+        for stage in list(pending):
+            deps, cmd = graph[stage]
+            if any(d in failed for d in deps):
+                logger.error("%s: not run, a stage it depends on failed", stage)
+                failed.add(stage)
+                pending.remove(stage)
+                continue
+            need = max_parallel if exclusive(cmd) else 1
+            if not set(deps) <= done or len(free) < need:
+                continue
+            slots, free = free[:need], free[need:]
+            stage_env = slot_env(env, sorted({s for s in slots if s}), max_parallel)
+            # wait_for: the dependencies have finished; given, they draw DVC's graph in the Prefect UI
+            futures[stage] = run_stage.with_options(name=stage.split("@")[0], task_run_name=stage).submit(
+                stage, root, stage_env, wait_for=[futures[d] for d in deps])
+            running[futures[stage]] = (stage, slots)
+            pending.remove(stage)
+        if not running:
+            break
+        future = next(as_completed(list(running)))
+        stage, slots = running.pop(future)
+        free += slots
+        try:
+            future.result()
+            done.add(stage)
+        except Exception as err:  # the task's own log has the stage's output
+            failed.add(stage)
+            logger.error("%s failed: %s", stage, err)
+    if failed:
+        raise RuntimeError(f"stages failed or not run: {', '.join(s for s in graph if s in failed)}")
+    return list(futures)
 
 
 @flow(name="dapt-pipeline", log_prints=True)
-def pipeline(root: str = str(ROOT)) -> list[str]:
-    """Run every DVC stage as its own Prefect task under one MLflow parent run; returns the stages run."""
+def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> list[str]:
+    """Run every DVC stage (or only `stages`, e.g. `finetune@general-0`) as its own Prefect task under one MLflow
+    parent run; returns the stages run."""
+    logger = get_run_logger()
     root_path = Path(root)
-    stages = stage_order(root_path)
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}")
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=(root_path / "mlartifacts").as_uri())
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"pipeline-{flow_run.get_name() or 'local'}",
-                          tags={"stage": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
-        env = stage_env(parent.info.run_id)
-        for stage in stages:
-            run_stage.with_options(name=stage.split("@")[0], task_run_name=stage)(stage, root, env)
+    s = settings(root_path)
+    (root_path / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root_path / ".dvc" / "tmp" / "dapt-flow.lock")  # any flow run here: deployed, served or not
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        logger.info("another flow run is using %s: waiting for it to finish", root_path)
+        lock.acquire()
+    try:
+        graph = dag(root_path)
+        if stages:  # a subset: what they depend on outside it counts as done
+            unknown = set(stages) - set(graph)
+            if unknown:
+                raise ValueError(f"{root_path / 'dvc.yaml'}: no stage {sorted(unknown)}; stages: {list(graph)}")
+            graph = {s: ([d for d in deps if d in stages], cmd) for s, (deps, cmd) in graph.items() if s in stages}
+        gpus = visible_gpus()
+        max_parallel = s.max_parallel or max(len(gpus), 1)
+        logger.info("%d stages, up to %d at once, %s", len(graph), max_parallel,
+                    f"GPUs {','.join(gpus)}" if gpus else "no GPU")
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}")
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(root_path / "mlartifacts").as_uri())
+        mlflow.set_experiment(EXPERIMENT)
+        if s.dvc_remote:
+            dvc_sync("pull", s.dvc_remote, root, stage_env(None))
+        with mlflow.start_run(run_name=f"pipeline-{flow_run.get_name() or 'local'}",
+                              tags={"stage": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
+            started = run_stages(graph, root, stage_env(parent.info.run_id), max_parallel, gpus)
+        if s.dvc_remote:
+            dvc_sync("push", s.dvc_remote, root, stage_env(None))
+    finally:
+        lock.release()
     report = root_path / "reports" / "comparison.md"
     if report.exists():
         # the verdict and the tables; the figures are local files the Prefect UI cannot show (comparison.html has them)
         text = "\n".join(line for line in report.read_text(encoding="utf-8").splitlines() if not line.startswith("!["))
         create_markdown_artifact(key="dapt-comparison", markdown=text, description="General vs domain-adapted model")
-    return stages
+    return started
 
 
 def deployment(root: Path = ROOT):
-    """The scheduled deployment: this flow on `pipeline.cron` (and `pipeline.timezone`) from params.yaml."""
+    """The scheduled deployment: this flow on `pipeline.cron` (and `pipeline.timezone`) from params.yaml, one run
+    at a time (a run due while another runs waits for it)."""
     s = settings(root)
-    return pipeline.to_deployment(name="dapt-scheduled", schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC"))],
-                                  parameters={"root": str(root)}, tags=["dapt"],
+    return pipeline.to_deployment(name="dapt-scheduled", schedules=[Cron(s.cron, timezone=s.timezone)],
+                                  parameters={"root": str(root)}, tags=["dapt"], concurrency_limit=ONE_AT_A_TIME,
                                   description="The DAPT pipeline (dvc repro, one task per stage) on a schedule")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the DAPT pipeline as a Prefect flow.")
     parser.add_argument("--serve", action="store_true", help="serve a deployment on pipeline.cron from params.yaml")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the workspace (a DVC project; default: this one)")
+    parser.add_argument("stages", nargs="*", help="run only these DVC stages (default: all)")
     args = parser.parse_args()
     if args.serve:
-        serve(deployment())
+        serve(deployment(args.root.resolve()))
     else:
-        pipeline()
+        pipeline(root=str(args.root.resolve()), stages=args.stages or None)
 
 
 if __name__ == "__main__":
