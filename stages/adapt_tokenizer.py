@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import mlflow
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
@@ -318,9 +317,9 @@ def run(p: AdaptTokenizerParams, paths: Paths) -> None:
         write_text(paths.reports / "new_tokens.tsv", table)
         write_json(paths.metrics / "adapt_tokenizer.json", metrics)
         tracking.log_metrics(metrics)
-        mlflow.log_artifact(str(paths.reports / "new_tokens.tsv"))
+        tracking.log_artifact(paths.reports / "new_tokens.tsv")
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            mlflow.log_artifact(str(paths.init_dir("domain") / name), artifact_path="tokenizer")
+            tracking.log_artifact(paths.init_dir("domain") / name, artifact_path="tokenizer")
         log.info("adapt_tokenizer: %s", metrics)
 
 

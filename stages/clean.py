@@ -40,7 +40,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import mlflow
 from pydantic import Field, model_validator
 
 from stages import tracking
@@ -493,7 +492,7 @@ def run(p: CleanParams, paths: Paths) -> None:
             shutil.rmtree(work, ignore_errors=True)
         write_json(paths.metrics / "clean.json", metrics)
         tracking.log_metrics(metrics)
-        mlflow.log_artifacts(str(out_dir), artifact_path="clean")
+        tracking.log_artifacts(out_dir, artifact_path="clean")
         log.info("clean: %s", json.dumps(metrics))
 
 
