@@ -41,10 +41,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import make_pipeline
 
-from stages import report, tracking
+from stages import registry, report, tracking
 from stages.common import Paths, Section, active_profile, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_stage, write_json, write_text
-from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_name, scores
+from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_info_path, run_name, scores
 from stages.pretrain import PretrainParams
 from stages.tasks import load_tokenizer, truncated
 
@@ -339,9 +339,16 @@ def compare_variants(runs: dict[str, dict[int, dict]], rows: dict[str, list[dict
 
 
 def load_runs(paths: Paths, variants: list[str], seeds: list[int], at: int | None = None) -> dict[str, dict[int, dict]]:
-    """variant -> seed -> the fine-tuning run's metrics.json."""
-    return {v: {s: json.loads((paths.finetune / run_name(v, s, at) / "metrics.json").read_text()) for s in seeds}
-            for v in variants}
+    """variant -> seed -> the fine-tuning run's metrics.json, with its MLflow run where it recorded one."""
+    return {v: {s: load_run(paths, run_name(v, s, at)) for s in seeds} for v in variants}
+
+
+def load_run(paths: Paths, name: str) -> dict:
+    """A fine-tuning run's results and, for the lineage tags only, its MLflow run (metrics/finetune/<name>.json: not
+    a dependency of this stage, as it changes with every rerun; absent, the compared run goes without the link)."""
+    info = run_info_path(paths, name)
+    extra = json.loads(info.read_text()) if info.exists() else {}
+    return {**json.loads((paths.finetune / name / "metrics.json").read_text()), **extra}
 
 
 def load_predictions(paths: Paths, name: str) -> list[dict]:
@@ -450,16 +457,27 @@ def curve_csv(points: list[dict]) -> str:
 
 def log_children(fp: FinetuneParams, named_runs: dict[str, dict]) -> None:
     """Every compared fine-tuning run as a child of this comparison's MLflow run, tagged variant and seed (and
-    dapt_percent for the curve), with its params and scores and a link to the run that trained it."""
-    experiment = mlflow.active_run().info.experiment_id
+    dapt_percent for the curve), with its params and scores and a link to the run that trained it, when that run
+    is on this tracking server."""
+    logged = {name: m["mlflow_run_id"] for name, m in named_runs.items() if m.get("mlflow_run_id")}
+    found = tracking.existing_run_ids(logged.values())
+    if found is None:  # tracking has stopped (and said why): nothing more to log
+        return
+    if missing := sorted(name for name, run_id in logged.items() if run_id not in found):
+        # DVC reused results fine-tuned while another store was tracking (or the runs were deleted)
+        stores = sorted({named_runs[name].get("mlflow_tracking_uri") or "an unrecorded store" for name in missing})
+        log.warning("compare: %d fine-tuning runs (%s) are not on the tracking server %s (they were logged to %s), "
+                    "so their compared copies carry no finetune_run_id. To link them, fine-tune them again against "
+                    "this server: `dvc repro -f -s finetune finetune_curve`, then `dvc repro`", len(missing),
+                    ", ".join(missing), mlflow.get_tracking_uri(), ", ".join(stores))
     for name, m in named_runs.items():
         # role, not stage: these copies must not double the fine-tuning runs a `tags.stage` filter finds
         tags = {"variant": m["variant"], "seed": str(m["seed"]), "role": "compared",
                 **({"dapt_percent": str(m["dapt_percent"])} if "dapt_percent" in m else {}),
-                **({"finetune_run_id": m["mlflow_run_id"]} if m.get("mlflow_run_id") else {})}
+                **({"finetune_run_id": logged[name]} if logged.get(name) in found else {})}
         stage = "finetune_curve" if "dapt_percent" in m else "finetune"  # named as the run it copies
-        with mlflow.start_run(run_name=f"{stage}-{name}", nested=True, tags=tags, experiment_id=experiment):
-            mlflow.log_params({**tracking.flatten(fp.training), "variant": m["variant"], "seed": m["seed"]})
+        with tracking.child_run(f"{stage}-{name}", tags):
+            tracking.log_params({**tracking.flatten(fp.training), "variant": m["variant"], "seed": m["seed"]})
             tracking.log_metrics({k: v for k, v in m.items() if k.startswith(("test_", "dev_"))})
 
 
@@ -575,14 +593,20 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             "seeds": len(fp.seeds),
         }
         write_json(paths.metrics / "compare.json", metrics)
-        write_json(paths.metrics / "headline.json", headline(summary, diff, references, budget_facts, probe))
+        head = headline(summary, diff, references, budget_facts, probe)
+        write_json(paths.metrics / "headline.json", head)
         tracking.log_metrics(metrics)
         for name in ("comparison.md", "comparison.html"):
-            mlflow.log_artifact(str(paths.reports / name))
-        mlflow.log_artifacts(str(figures), "figures")
+            tracking.log_artifact(paths.reports / name)
+        tracking.log_artifacts(figures, "figures")
         log_children(fp, {**{run_name(v, s): m for v, by_seed in runs.items() for s, m in by_seed.items()},
                           **{run_name("domain", s, pt["at"]): m for pt in points if pt["at"] is not None
                              for s, m in pt["runs"].items()}})
+        # the verdict on the models' registered versions, the alias on the one it favours
+        ingest = paths.metrics / "ingest.json"
+        registry.record_comparison(head, {
+            "general": json.loads(ingest.read_text()).get("mlflow_run_id") if ingest.exists() else None,
+            **{v: extra[f"pretrain_{v}"].get("mlflow_run_id") for v in fp.variants if f"pretrain_{v}" in extra}})
         log.info("compare: %s", verdict(diff))
         print(text)
 

@@ -28,7 +28,6 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import mlflow
 import numpy as np
 import torch
 from datasets import Dataset, load_dataset
@@ -145,7 +144,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
     tags = {"variant": variant, "seed": str(seed), **({"dapt_percent": str(at)} if at is not None else {})}
     stage = "finetune" if at is None else "finetune_curve"  # the dvc.yaml stage (and Prefect task) that runs it
     with tracking.stage_run(stage, p.training, run_name=f"{stage}-{name}", tags=tags) as mlflow_run:
-        mlflow.log_params({"variant": variant, "seed": seed, **({"dapt_percent": at} if at is not None else {})})
+        tracking.log_params({"variant": variant, "seed": seed, **({"dapt_percent": at} if at is not None else {})})
         started = time.time()
         # seed
         set_seed(seed)
@@ -212,7 +211,6 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         metrics.update({f"dev_{k}": dev[f"eval_{k}"] for k in test})
         metrics["epochs_run"] = round(trainer.state.epoch or 0.0, 2)
         metrics["truncated"] = cut
-        metrics["seconds"] = round(time.time() - started, 1)
         # the snapshot's pretraining compute (step, tokens seen, device-hours): the adaptation curve's x-axis
         snapshot = json.loads((model_dir / "snapshot.json").read_text()) if at is not None else {}
 
@@ -222,11 +220,19 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
             write_json(tmp / "metrics.json", {
                 "variant": variant, "seed": seed, "task": kind, "labels": labels, **metrics,
                 "max_seq_length": t.max_seq_length,
-                **({"dapt_percent": at, "snapshot": snapshot} if at is not None else {}),
-                "mlflow_run_id": mlflow_run.info.run_id})
+                **({"dapt_percent": at, "snapshot": snapshot} if at is not None else {})})
             write_jsonl(tmp / "predictions.jsonl", rows)
-        tracking.log_metrics(metrics)
+        # what differs between two runs with the same result (time, MLflow run) stays out of the folder compare
+        # depends on: a rerun that reproduces the scores reruns nothing downstream
+        seconds = round(time.time() - started, 1)
+        write_json(run_info_path(paths, name), {"seconds": seconds, **tracking.run_record(mlflow_run)})
+        tracking.log_metrics({**metrics, "seconds": seconds})
         log.info("finetune %s seed %d: %s", variant, seed, metrics)
+
+
+def run_info_path(paths: Paths, name: str) -> Path:
+    """The run's time and MLflow run (`mlflow_run_id`, `mlflow_tracking_uri`): metrics/finetune/<name>.json."""
+    return paths.metrics / "finetune" / f"{name}.json"
 
 
 def main() -> None:

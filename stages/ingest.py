@@ -27,10 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-import mlflow
 from pydantic import Field, model_validator
 
-from stages import demo_source, file_source, hf_source, tracking
+from stages import demo_source, file_source, hf_source, registry, tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_stage, \
     write_json, write_jsonl
 from stages.hf_source import Input
@@ -227,7 +226,7 @@ def write_shards(folder: Path, docs: Iterable[dict], per_shard: int) -> int:
 
 def run(p: IngestParams, paths: Paths) -> None:
     """Materialise all inputs and write counts to `metrics/ingest.json`."""
-    with tracking.stage_run("ingest", p):
+    with tracking.stage_run("ingest", p) as mlflow_run:
         domain, general, splits = demo_inputs(p) if p.source == "demo" else files_inputs(p)
         domain = sample(domain, p.max_domain_docs, p.seed)
         general = sample(general, p.max_general_docs, p.seed)
@@ -247,9 +246,11 @@ def run(p: IngestParams, paths: Paths) -> None:
             "task_labels": len(set(gold_labels(splits["train"]))),  # distinct tags for token classification
         }
         label_counts = {s: dict(sorted(Counter(gold_labels(splits[s])).items())) for s in SPLITS}
-        write_json(paths.metrics / "ingest.json", metrics)
+        # the MLflow run too: compare finds the general model's registered version by it
+        write_json(paths.metrics / "ingest.json", {**metrics, **tracking.run_record(mlflow_run)})
         tracking.log_metrics(metrics)
-        mlflow.log_dict(label_counts, "label_counts.json")
+        registry.log_stage_model(paths.base_model, "general")
+        tracking.log_dict(label_counts, "label_counts.json")
         log.info("ingest: %s", metrics)
 
 

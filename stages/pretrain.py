@@ -57,7 +57,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import mlflow
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -65,7 +64,7 @@ from pydantic import Field, model_validator
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
-from stages import tracking
+from stages import registry, tracking
 from stages import blocks, mlm
 from stages.blocks import TokenBlocks, separator_ids, tokenize_corpus
 from stages.common import Paths, Section, atomic_path, file_digest, load_params, load_paths, log, setup_stage, \
@@ -381,6 +380,7 @@ def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) ->
 
 def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
     """Continued MLM pretraining of `variant`, from `models/<variant>_init` to `models/<variant>`."""
+    tracking.check_server()  # before the work below (fingerprint, checkpoint clean-up), not only at stage_run
     start, work = paths.init_dir(variant), paths.checkpoints / variant
     # first: under torchrun/accelerate, TrainingArguments joins the processes (every one trains, one writes);
     # the steps are known once the data is (the budget may be in tokens or epochs), when the Trainer's are made
@@ -408,7 +408,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 
     run_context = tracking.stage_run("pretrain", p, run_name=f"pretrain-{variant}", tags={"variant": variant}) \
         if main else contextlib.nullcontext()
-    with run_context:
+    with run_context as mlflow_run:
         # seed
         set_seed(p.seed)
         started = time.time()
@@ -500,12 +500,14 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             **{f"{k}_start": v for k, v in first.items() if k != "step"},
             **{f"{k}_best": v for k, v in best.items() if k != "step"},
             **{f"{k}_end": v for k, v in last.items() if k != "step"},
+            **tracking.run_record(mlflow_run),  # compare finds the model's registered version by it
         }
         write_json(paths.metrics / f"pretrain_{variant}.json", metrics)
         write_text(paths.metrics / f"pretrain_{variant}_curve.csv", curve_csv(stopping.history))
         tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("stop_reason", "budget", "device")})
-        mlflow.set_tags({"stop_reason": stopping.stop_reason, "budget": bound})
-        mlflow.log_artifact(str(paths.metrics / f"pretrain_{variant}_curve.csv"))
+        tracking.set_tags({"stop_reason": stopping.stop_reason, "budget": bound})
+        tracking.log_artifact(paths.metrics / f"pretrain_{variant}_curve.csv")
+        registry.log_stage_model(paths.model_dir(variant), variant)
         clear_run_state(work)  # finished: nothing left to resume (the tokenised blocks stay cached)
         log.info("pretrain: %s", metrics)
 
