@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import networkx as nx
 import yaml
 from filelock import FileLock
@@ -42,11 +41,11 @@ from prefect.runtime import flow_run
 from prefect.schedules import Cron
 from pydantic import Field
 
+from stages import tracking
 from stages.common import Section, validate_section
 
 ROOT = Path(__file__).resolve().parents[1]
-PARENT_ENV = "DAPT_MLFLOW_PARENT_RUN_ID"  # read by stages/tracking.py
-EXPERIMENT = "dapt"
+PARENT_ENV = tracking.PARENT_ENV  # every stage's MLflow run becomes a child of the flow's
 # one run per deployment at a time; the others wait in the queue (Prefect: AwaitingConcurrencySlot)
 ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")  # dvc/lock.py, dvc/rwlock.py
@@ -291,15 +290,13 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> list[str
         max_parallel = s.max_parallel or max(len(gpus), 1)
         logger.info("%d stages, up to %d at once, %s", len(graph), max_parallel,
                     f"GPUs {','.join(gpus)}" if gpus else "no GPU")
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}")
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(root_path / "mlartifacts").as_uri())
-        mlflow.set_experiment(EXPERIMENT)
+        # an unreachable tracking server fails here, before any stage (and DVC) touches an output
+        tracking.check_server(tracking.tracking_uri(root_path))
         if s.dvc_remote:
             dvc_sync("pull", s.dvc_remote, root, stage_env(None))
-        with mlflow.start_run(run_name=f"pipeline-{flow_run.get_name() or 'local'}",
-                              tags={"stage": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
-            started = run_stages(graph, root, stage_env(parent.info.run_id), max_parallel, gpus)
+        with tracking.parent_run(f"pipeline-{flow_run.get_name() or 'local'}", root=root_path,
+                                 tags={"stage": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
+            started = run_stages(graph, root, stage_env(parent), max_parallel, gpus)
         if s.dvc_remote:
             dvc_sync("push", s.dvc_remote, root, stage_env(None))
     finally:
