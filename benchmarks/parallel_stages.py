@@ -39,6 +39,8 @@ def scratch_clone(dest: Path) -> Path:
     sh([*dvc, "cache", "dir", "--local", str(ROOT / ".dvc" / "cache")], dest)
     sh([*dvc, "config", "--local", "cache.type", "reflink,copy"], dest)  # reruns must not write into the cache
     sh([*dvc, "checkout", "--quiet"], dest)
+    # an empty cache from here on: with this workspace's run cache, DVC would restore the results, not rerun
+    sh([*dvc, "cache", "dir", "--local", str(dest.parent / "cache")], dest)
     return dest
 
 
@@ -62,6 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dapt-parallel-") as tmp:
         ws = scratch_clone(Path(tmp) / "ws")
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PREFECT_HOME": f"{tmp}/prefect",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("DAPT_MLFLOW_PARENT_RUN_ID", None)
         seconds = {}

@@ -133,6 +133,9 @@ def test_overlapping_runs_of_the_work_pool_deployment_wait_and_both_complete(toy
             worker.wait(30)
     assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
     first, second = sorted(runs, key=lambda r: r.start_time)
+    for r, states in zip(runs, histories):  # the timeline, with -s
+        print(f"{r.name}: created {r.created:%H:%M:%S.%f}, started {r.start_time:%H:%M:%S.%f}, "
+              f"ended {r.end_time:%H:%M:%S.%f}; states {states}")
     assert first.end_time <= second.start_time
     assert any("AwaitingConcurrencySlot" in h for h in histories), histories
 
