@@ -3,8 +3,8 @@
 Each task runs `dvc repro --single-item <stage>` (so DVC still decides what is up to date and records every
 output) and streams the stage's output into the Prefect log. A stage starts once the stages it depends on in
 DVC's graph have finished, on a free device: up to `pipeline.max_parallel` stages at once, each pinned to its
-own GPU (`CUDA_VISIBLE_DEVICES`); a stage run through a multi-process launcher (`pretrain.launcher`) takes every
-device. DVC's short repo-lock waits between concurrent stages are retried.
+own GPU (`CUDA_VISIBLE_DEVICES`); a stage run through a multi-process launcher (`pretrain.launcher`) runs alone on
+every GPU. Concurrent stages wait for DVC's repo lock (`dvc --wait-for-lock`) instead of failing after 3 s.
 One flow run at a time per workspace: a second waits for the first (a lock file, and the deployments'
 concurrency limit of 1 with enqueueing, so the UI shows it as AwaitingConcurrencySlot).
 The flow opens an MLflow parent run; every stage's run becomes its child. With `pipeline.dvc_remote` set, it
@@ -20,11 +20,13 @@ Work pool:  prefect deploy --name dapt-pool; prefect worker start --pool dapt   
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -48,8 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PARENT_ENV = tracking.PARENT_ENV  # every stage's MLflow run becomes a child of the flow's
 # one run per deployment at a time; the others wait in the queue (Prefect: AwaitingConcurrencySlot)
 ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
-LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")  # dvc/lock.py, dvc/rwlock.py
-LOCK_RETRY_SECONDS = 600  # DVC holds its repo lock for seconds around each stage; give up after this long
 PROGRESS_EVERY = 30.0  # seconds between two log lines of one progress bar
 
 
@@ -142,7 +142,10 @@ class StageLog:
 
     def feed(self, text: str) -> None:
         self.buffer += text
-        *pieces, self.buffer = re.split(r"(\r\n|\n|\r)", self.buffer)
+        # a trailing \r may be half of a \r\n whose \n comes with the next chunk: keep it for then
+        held = "\r" if self.buffer.endswith("\r") else ""
+        *pieces, rest = re.split(r"(\r\n|\n|\r)", self.buffer[:len(self.buffer) - len(held)])
+        self.buffer = rest + held
         for piece, end in zip(pieces[::2], pieces[1::2]):
             if end == "\r":  # a redraw: the line is not finished
                 if piece.strip() and time.monotonic() - self.last_progress >= self.progress_every:
@@ -169,54 +172,52 @@ class StageLog:
         return logging.WARNING if _PY_WARNING.match(line) else logging.INFO
 
 
-def stream(cmd: list[str], root: str, env: dict[str, str], log: StageLog) -> tuple[int, str]:
-    """Run `cmd`, its output fed to `log` as it comes; returns the exit code and the output's last 4 KB."""
-    tail = ""
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+def stream(cmd: list[str], root: str, env: dict[str, str], log: StageLog) -> int:
+    """Run `cmd`, its output fed to `log` as it comes; returns the exit code."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
+    # its own process group: a cancelled task takes DVC and the stage under it (and its GPU) down together
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True) as proc:
         try:
             assert proc.stdout is not None
             # raw reads, not lines: a progress bar redraws with \r and ends its line only when it finishes
             while chunk := proc.stdout.read1(65536):
-                text = chunk.decode("utf-8", errors="replace")
-                log.feed(text)
-                tail = (tail + text)[-4096:]
+                log.feed(decoder.decode(chunk))
+            log.feed(decoder.decode(b"", final=True))
             log.close()
         finally:  # a timeout or cancellation must not leave DVC running and holding the repo lock
             if proc.poll() is None:
-                proc.kill()
-    return proc.returncode, tail
+                os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode
+
+
+# DVC takes its repo lock for seconds before and after a stage's command (hashing, caching, writing dvc.lock) and
+# gives up after 3 s: with stages side by side, wait for it, or a finished stage fails before DVC records it
+DVC = ["dvc", "--wait-for-lock"]
 
 
 # one retry for transient failures (a hub download, a full disk freed by a cleanup); DVC skips what finished.
 # No task timeout: tasks run in threads, where Prefect cannot interrupt one; the stage bounds its own time
 @task(retries=1, retry_delay_seconds=60)
 def run_stage(stage: str, root: str, env: dict[str, str]) -> None:
-    """`dvc repro --single-item <stage>`, its output streamed into the Prefect log; retried while another stage
-    holds DVC's repo lock (DVC waits only 3 s for it)."""
+    """`dvc repro --single-item <stage>`, its output streamed into the Prefect log."""
     logger = get_run_logger()
-    cmd = ["dvc", "repro", "--single-item", stage]
+    cmd = [*DVC, "repro", "--single-item", stage]
     if env.get("CUDA_VISIBLE_DEVICES"):
         logger.info("on GPU %s", env["CUDA_VISIBLE_DEVICES"])
-    deadline, wait = time.monotonic() + LOCK_RETRY_SECONDS, 2.0
-    while True:
-        logger.info("$ %s", " ".join(cmd))
-        code, tail = stream(cmd, root, env, StageLog(logger))
-        if code == 0:
-            return
-        if not any(err in tail for err in LOCK_ERRORS) or time.monotonic() > deadline:
-            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
-        logger.info("DVC's lock is held by another stage: retrying in %.0f s", wait)
-        time.sleep(wait)
-        wait = min(wait * 2, 30.0)
+    logger.info("$ %s", " ".join(cmd))
+    code = stream(cmd, root, env, StageLog(logger))
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code} (its output is above)")
 
 
 @task(retries=2, retry_delay_seconds=30)
 def dvc_sync(action: str, remote: str, root: str, env: dict[str, str]) -> None:
     """`dvc pull` (what is missing on the remote is left to the stages) or `dvc push` to `remote`."""
     logger = get_run_logger()
-    cmd = ["dvc", action, "-r", remote, *(["--allow-missing"] if action == "pull" else [])]
+    cmd = [*DVC, action, "-r", remote, *(["--allow-missing"] if action == "pull" else [])]
     logger.info("$ %s", " ".join(cmd))
-    code, _ = stream(cmd, root, env, StageLog(logger))
+    code = stream(cmd, root, env, StageLog(logger))
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}: is remote '{remote}' configured "
                            f"(`dvc remote list`) and reachable?")
@@ -239,18 +240,19 @@ def run_stages(graph: dict[str, tuple[list[str], str]], root: str, env: dict[str
                 failed.add(stage)
                 pending.remove(stage)
                 continue
-            need = max_parallel if exclusive(cmd) else 1
+            alone = exclusive(cmd)  # a launcher's stage: every slot, every GPU, every core
+            need = max_parallel if alone else 1
             if not set(deps) <= done or len(free) < need:
                 continue
             slots, free = free[:need], free[need:]
-            stage_env = slot_env(env, sorted({s for s in slots if s}), max_parallel)
+            stage_env = slot_env(env, gpus, 1) if alone else slot_env(env, [s for s in slots if s], max_parallel)
             # wait_for: the dependencies have finished; given, they draw DVC's graph in the Prefect UI
             futures[stage] = run_stage.with_options(name=stage.split("@")[0], task_run_name=stage).submit(
                 stage, root, stage_env, wait_for=[futures[d] for d in deps])
             running[futures[stage]] = (stage, slots)
             pending.remove(stage)
-        if not running:
-            break
+        if not running:  # cannot happen with DVC's acyclic graph; said rather than stages silently skipped
+            raise RuntimeError(f"stages never became ready: {pending}")
         future = next(as_completed(list(running)))
         stage, slots = running.pop(future)
         free += slots

@@ -162,16 +162,13 @@ def test_independent_stages_run_side_by_side_and_dvc_records_both(toy_repo):
     assert "up to date" in out.stdout
 
 
-def test_a_stage_waits_for_dvc_s_lock_and_fails_on_anything_else(monkeypatch):
-    outputs = [(1, "ERROR: Unable to acquire lock. Most likely another DVC process is running"), (0, "")]
-    monkeypatch.setattr(flow_module, "stream", lambda *a: outputs.pop(0))
-    monkeypatch.setattr(flow_module.time, "sleep", lambda s: None)
+def test_a_stage_waits_for_dvc_s_lock_and_its_failure_names_the_command(monkeypatch):
+    calls = []
+    monkeypatch.setattr(flow_module, "stream", lambda cmd, *a: calls.append(cmd) or 1)
     monkeypatch.setattr(flow_module, "get_run_logger", lambda: logging.getLogger("test"))
-    flow_module.run_stage.fn("x", ".", {})
-    assert outputs == []
-    monkeypatch.setattr(flow_module, "stream", lambda *a: (1, "ERROR: failed to reproduce 'x'"))
-    with pytest.raises(RuntimeError, match="exit code 1"):
+    with pytest.raises(RuntimeError, match="dvc --wait-for-lock repro --single-item x failed with exit code 1"):
         flow_module.run_stage.fn("x", ".", {})
+    assert calls == [["dvc", "--wait-for-lock", "repro", "--single-item", "x"]]
 
 
 class Records(logging.Handler):
@@ -190,7 +187,7 @@ def test_stage_output_keeps_its_levels_and_a_progress_bar_is_not_a_line_per_upda
     logger.addHandler(handler)
     log = flow_module.StageLog(logger, progress_every=3600)
     bar = "".join(f"\rMap: {i:3d}%|###| {i}/100" for i in range(0, 101, 5))
-    for chunk in ("2026-12-06 10:00:00,123 stages.clean WARNING 3 shards are empty\n", bar[:70], bar[70:], "\n",
+    for chunk in ("2026-12-06 10:00:00,123 stages.clean WARNING 3 shards are empty\r", "\n", bar[:70], bar[70:], "\n",
                   "ERROR: failed to reproduce 'clean'\n", "/x/y.py:3: UserWarning: careful\n",
                   "Traceback (most recent call last):\n", '  File "x.py", line 1\n', "ValueError: bad\n",
                   "Running stage 'clean':\nlast line without newline"):
@@ -206,3 +203,15 @@ def test_stage_output_keeps_its_levels_and_a_progress_bar_is_not_a_line_per_upda
         ("ERROR", "Traceback (most recent call last):"), ("ERROR", '  File "x.py", line 1'),
         ("ERROR", "ValueError: bad"),
         ("INFO", "Running stage 'clean':"), ("INFO", "last line without newline")]
+
+
+def test_each_stage_sees_its_own_gpu_or_its_share_of_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert flow_module.slot_env({}, ["3"], 4)["CUDA_VISIBLE_DEVICES"] == "3"
+    assert flow_module.slot_env({}, ["0", "1"], 1)["CUDA_VISIBLE_DEVICES"] == "0,1"  # a launcher's stage: all
+    monkeypatch.setattr(flow_module.os, "cpu_count", lambda: 8)
+    assert flow_module.slot_env({}, [], 2) == {"OMP_NUM_THREADS": "4"}
+    assert flow_module.slot_env({"OMP_NUM_THREADS": "1"}, [], 2) == {"OMP_NUM_THREADS": "1"}  # the user's
+    assert flow_module.slot_env({}, [], 1) == {}
+    assert flow_module.exclusive("torchrun --nproc_per_node 4 -m stages.pretrain --variant domain")
+    assert not flow_module.exclusive("python -m stages.finetune --variant general --seed 0")
