@@ -351,6 +351,14 @@ def load_run(paths: Paths, name: str) -> dict:
     return {**json.loads((paths.finetune / name / "metrics.json").read_text()), **extra}
 
 
+def load_metrics(paths: Paths, name: str) -> dict:
+    """metrics/<name>.json and, for pretrain, its time and MLflow run (metrics/<name>_run.json: not a dependency of
+    this stage, as it changes with every rerun; a rerun with the same model keeps the report's numbers valid)."""
+    run = paths.metrics / f"{name}_run.json"
+    return {**json.loads((paths.metrics / f"{name}.json").read_text()),
+            **(json.loads(run.read_text()) if run.exists() else {})}
+
+
 def load_predictions(paths: Paths, name: str) -> list[dict]:
     return read_jsonl(paths.finetune / name / "predictions.jsonl")
 
@@ -415,7 +423,12 @@ def snapshot_device_hours(pre: dict | None, pct: int, step: int) -> float:
         return recorded
     if pre is None:
         return float("nan")
-    return pre.get("device_hours", pre["seconds"] / 3600) * step / max(pre["steps"], 1)
+    return run_hours(pre) * step / max(pre["steps"], 1)
+
+
+def run_hours(pre: dict) -> float:
+    """A pretraining run's device-hours (NaN where its time was not kept: metrics/pretrain_<variant>_run.json)."""
+    return pre.get("device_hours", pre.get("seconds", float("nan")) / 3600)
 
 
 def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: dict, pre: dict | None) -> list[dict]:
@@ -439,7 +452,7 @@ def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: d
                        "tokens_seen": pre["tokens_seen"] * pre["best_step"] // max(pre["steps"], 1),
                        "corpus_epochs": pre["corpus_epochs"] * pre["best_step"] / max(pre["steps"], 1)
                        if "corpus_epochs" in pre else None,
-                       "device_hours": pre.get("device_hours", pre["seconds"] / 3600),
+                       "device_hours": run_hours(pre),
                        "device": pre.get("device", "cpu")})
     points.sort(key=lambda pt: (pt["step"], pt["percent"]))
     for p in points:
@@ -502,7 +515,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             [run_name("domain", s, pct) for pct in snapshots for s in fp.seeds]
         rows = {name: load_predictions(paths, name) for name in names}
         classes = classes_of(list(rows.values()), kind)
-        extra = {name: json.loads((paths.metrics / f"{name}.json").read_text())
+        extra = {name: load_metrics(paths, name)
                  for name in ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
                  if (paths.metrics / f"{name}.json").exists()}
         if (paths.reports / "new_tokens.tsv").exists():

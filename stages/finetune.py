@@ -211,7 +211,7 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         metrics.update({f"dev_{k}": dev[f"eval_{k}"] for k in test})
         metrics["epochs_run"] = round(trainer.state.epoch or 0.0, 2)
         metrics["truncated"] = cut
-        # the snapshot's pretraining compute (step, tokens seen, device-hours): the adaptation curve's x-axis
+        # the snapshot's pretraining compute (step, tokens seen, corpus epochs): the adaptation curve's x-axis
         snapshot = json.loads((model_dir / "snapshot.json").read_text()) if at is not None else {}
 
         # save

@@ -493,21 +493,24 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             "budget": bound,
             "tokens_seen": steps * p.tokens_per_step(state.num_processes),
             "corpus_epochs": epochs(p, steps, len(train_blocks), state.num_processes),
-            "seconds": round(time.time() - stopping.started, 1),  # a resumed run's earlier time included
-            "device_hours": (time.time() - stopping.started) * state.num_processes / 3600,
-            "device": snapshots.device,
-            "snapshot_device_hours": snapshots.device_hours,  # the adaptation curve's compute axis
             **{f"{k}_start": v for k, v in first.items() if k != "step"},
             **{f"{k}_best": v for k, v in best.items() if k != "step"},
             **{f"{k}_end": v for k, v in last.items() if k != "step"},
-            **tracking.run_record(mlflow_run),  # compare finds the model's registered version by it
         }
+        seconds = time.time() - stopping.started  # a resumed run's earlier time included
+        # what differs between two runs with the same result (time, where, the MLflow run) goes beside the metrics
+        # compare depends on: a rerun that reproduces the model reruns nothing downstream
+        run_info = {"seconds": round(seconds, 1), "device_hours": seconds * state.num_processes / 3600,
+                    "device": snapshots.device,
+                    "snapshot_device_hours": snapshots.device_hours,  # the adaptation curve's compute axis
+                    **tracking.run_record(mlflow_run)}  # compare finds the model's registered version by it
         write_json(paths.metrics / f"pretrain_{variant}.json", metrics)
+        write_json(paths.metrics / f"pretrain_{variant}_run.json", run_info)
         write_text(paths.metrics / f"pretrain_{variant}_curve.csv", curve_csv(stopping.history))
-        tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("stop_reason", "budget", "device")})
+        tracking.log_metrics({k: v for k, v in {**metrics, **run_info}.items() if isinstance(v, (int, float))})
         tracking.set_tags({"stop_reason": stopping.stop_reason, "budget": bound})
         tracking.log_artifact(paths.metrics / f"pretrain_{variant}_curve.csv")
-        registry.log_stage_model(paths.model_dir(variant), variant)
+        registry.log_stage_model(paths.model_dir(variant), variant, inputs=[start, *corpora(p, paths).values()])
         clear_run_state(work)  # finished: nothing left to resume (the tokenised blocks stay cached)
         log.info("pretrain: %s", metrics)
 

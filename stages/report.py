@@ -305,7 +305,7 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dic
         for v, m in pretrained.items():
             for name in ("domain", "general"):
                 lines.append(f"| {v} | {m['steps']} | {m['stop_reason']} | {m['best_step']} | {m['tokens_seen']:,} | "
-                             f"{m['corpus_epochs']:.2f} | {m['seconds']:.0f} | {name} | "
+                             f"{m['corpus_epochs']:.2f} | {m.get('seconds', float('nan')):.0f} | {name} | "
                              f"{m[f'{name}_loss_start']:.3f} | "
                              f"{m[f'{name}_loss_best']:.3f} | {m[f'{name}_loss_end']:.3f} |")
         sections.append([*lines, "", "![DAPT validation loss](figures/dapt_loss.png)", ""])
