@@ -249,7 +249,7 @@ def run(p: IngestParams, paths: Paths) -> None:
         # the MLflow run too: compare finds the general model's registered version by it
         write_json(paths.metrics / "ingest.json", {**metrics, **tracking.run_record(mlflow_run)})
         tracking.log_metrics(metrics)
-        registry.log_stage_model(paths.base_model, "general")
+        registry.log_stage_model(paths.base_model, "general", tags={"base_model": p.base_model})
         tracking.log_dict(label_counts, "label_counts.json")
         log.info("ingest: %s", metrics)
 

@@ -9,7 +9,7 @@ variants, `compare` records the verdict. Load the favoured model back with
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -142,15 +142,15 @@ def record_verdict(registered_model: str, versions: Mapping[str, str | int], ver
 # what the stages call: `registry:` in params.yaml decides; a lost server never fails a stage (tracking.guarded)
 
 
-def log_stage_model(model_dir: Path, variant: str, params_path: Path = PARAMS_FILE) -> int | None:
-    """The stage's model to its MLflow run as `registry:` says, with the stage run's data-hash tags (the inputs;
-    dvc.lock does not know the model's own hash until the stage ends). Returns the registered version, if any."""
+def log_stage_model(model_dir: Path, variant: str, inputs: Iterable[Path] = (), tags: Mapping[str, str] | None = None,
+                    params_path: Path = PARAMS_FILE) -> int | None:
+    """The stage's model to its MLflow run as `registry:` says, tagged with the DVC md5s of the stage's `inputs`
+    (`data.<path>`, from dvc.lock) and `tags`. Returns the registered version, if any."""
     rp = load_registry_params(params_path)
     if not rp.log_models:
         return None
-    own = f"data.{Path(model_dir).as_posix()}"
-    tags = {k: v for k, v in tracking.data_version_tags().items() if k != own}
-    info = tracking.guarded(log_variant, model_dir, variant, rp.registered_model, tags)
+    all_tags = {**tracking.data_version_tags(paths=inputs), **(tags or {})}
+    info = tracking.guarded(log_variant, model_dir, variant, rp.registered_model, all_tags)
     if info is not None:
         log.info("registry: %s logged as %s%s", variant, info.model_uri,
                  f", {rp.registered_model} version {info.registered_model_version}" if rp.registered_model else "")
@@ -168,6 +168,8 @@ def record_comparison(headline: Mapping[str, Any], run_ids: Mapping[str, str | N
         return None
     versions = {}
     for variant, run_id in run_ids.items():
+        if not run_id:  # its stage ran untracked, or elsewhere: any version found would be another pipeline's
+            continue
         found = tracking.guarded(latest_version, rp.registered_model, variant, run_id)
         if found is not None:
             versions[variant] = found.version

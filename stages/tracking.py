@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlparse
 
 import mlflow
+import requests
+import sqlalchemy.exc
 import yaml
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
@@ -136,15 +138,25 @@ def git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def data_version_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
-    """`data.<path>` -> md5 of every output DVC has recorded, i.e. the exact inputs this run could see."""
+def data_version_tags(lock_file: Path = Path("dvc.lock"), paths: Iterable[str | Path] | None = None) -> dict[str, str]:
+    """`data.<path>` -> md5 of every output DVC has recorded, i.e. the exact inputs this run could see (only
+    `paths`, if given: a model's own inputs)."""
     if not lock_file.exists():
         return {}
-    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    for attempt in range(5):  # DVC rewrites the file in place when a stage beside this one finishes
+        try:
+            lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+            break
+        except yaml.YAMLError:
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        log.warning("MLflow: %s could not be read; the run goes without data.<path> tags", lock_file)
+        return {}
+    wanted = None if paths is None else {Path(p).as_posix() for p in paths}
     tags = {}
     for stage in (lock.get("stages") or {}).values():
         for out in stage.get("outs") or []:
-            if "md5" in out:
+            if "md5" in out and (wanted is None or out["path"] in wanted):
                 tags[f"data.{out['path']}"] = out["md5"]
     return tags
 
@@ -153,15 +165,19 @@ def data_version_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
 # runs that survive a lost server
 
 
+# what a lost or failing store raises: MLflow's REST client, artifact uploads, the SQL stores, the file store
+STORE_ERRORS = (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError, OSError)
+
+
 def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)`, or None once tracking has stopped; the first failure warns and stops tracking
-    (any exception: a stage that has started must finish and write its outputs)."""
+    """`fn(*args, **kwargs)`, or None once tracking has stopped; the first store failure warns and stops tracking
+    (a stage that has started must finish and write its outputs). Anything else is a bug, and raises."""
     global _stopped
     if _stopped is not None:
         return None
     try:
         return fn(*args, **kwargs)
-    except Exception as e:
+    except STORE_ERRORS as e:
         _stopped = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {type(e).__name__}: {e}"
         log.warning("MLflow: %s failed (%s). Tracking stops for the rest of this run; the stage goes on and writes "
                     "its outputs. The run is closed now or, if the server stays away, by the next stage or flow "
@@ -169,16 +185,30 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return None
 
 
-def _log(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """A logging call to the active run; nothing without one (a helper called outside a stage run)."""
-    if mlflow.active_run() is not None:
-        _call(fn, *args, **kwargs)
-
-
 def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A stage's other MLflow work (logging a model, tagging versions) under the same rule as its logging calls:
     None without an active run or once tracking has stopped; a failure warns and stops tracking, never the stage."""
     return _call(fn, *args, **kwargs) if mlflow.active_run() is not None else None
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the block (MLflow reads its HTTP settings from there at each request)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _journal_lock() -> FileLock:
+    """Stages side by side append to the journal while another closes its runs: one writer at a time."""
+    return FileLock(f"{_journal or JOURNAL}.lock")
 
 
 def _close(run_id: str, status: str) -> None:
@@ -189,15 +219,15 @@ def _close(run_id: str, status: str) -> None:
             return
     else:  # stopped earlier: one short try (the server may be back); end_run forgets the run locally either way
         try:
-            with mock.patch.dict(os.environ, QUICK_HTTP):
+            with _environ(QUICK_HTTP):
                 mlflow.end_run(status)
                 mlflow.MlflowClient().set_tag(run_id, STOPPED_TAG, _stopped)
             return
-        except Exception:  # still unreachable: journal it below
+        except STORE_ERRORS:  # still unreachable: journal it below
             pass
     entry = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id, "status": status,
              "end_time": int(time.time() * 1000), "reason": _stopped}
-    with open(_journal or JOURNAL, "a", encoding="utf-8") as f:
+    with _journal_lock(), open(_journal or JOURNAL, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
     log.info("MLflow: run %s could not be closed (%s); written to %s, the next stage or flow that reaches %s "
              "closes it", run_id, status, _journal or JOURNAL, entry["tracking_uri"])
@@ -207,8 +237,15 @@ def close_unclosed_runs() -> None:
     """Close the journal's runs of the current tracking server with their stage's outcome and end time."""
     if _journal is None or not _journal.exists():
         return
+    with _journal_lock():
+        _close_journaled(_journal)
+
+
+def _close_journaled(journal: Path) -> None:
+    if not journal.exists():  # closed by a stage beside this one meanwhile
+        return
     uri, client, left = mlflow.get_tracking_uri(), mlflow.MlflowClient(), []
-    for line in _journal.read_text(encoding="utf-8").splitlines():
+    for line in journal.read_text(encoding="utf-8").splitlines():
         entry = json.loads(line)
         if entry["tracking_uri"] != uri:
             left.append(line)
@@ -220,12 +257,12 @@ def close_unclosed_runs() -> None:
                      entry["status"])
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # deleted meanwhile: nothing to close
-                log.warning("MLflow: could not close run %s (%s); kept in %s", entry["run_id"], e, _journal)
+                log.warning("MLflow: could not close run %s (%s); kept in %s", entry["run_id"], e, journal)
                 left.append(line)
     if left:
-        _journal.write_text("".join(f"{line}\n" for line in left), encoding="utf-8")
+        journal.write_text("".join(f"{line}\n" for line in left), encoding="utf-8")
     else:
-        _journal.unlink()
+        journal.unlink()
 
 
 @contextlib.contextmanager
@@ -293,7 +330,7 @@ def child_run(run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[
 
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params to the active run."""
-    _log(mlflow.log_params, dict(params))
+    guarded(mlflow.log_params, dict(params))
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -301,27 +338,27 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
     flat = {k: float(v) for k, v in flatten(dict(metrics)).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if flat:
-        _log(mlflow.log_metrics, flat, step=step)
+        guarded(mlflow.log_metrics, flat, step=step)
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Set tags on the active run."""
-    _log(mlflow.set_tags, dict(tags))
+    guarded(mlflow.set_tags, dict(tags))
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     """Upload one file to the active run's artifacts."""
-    _log(mlflow.log_artifact, str(path), artifact_path)
+    guarded(mlflow.log_artifact, str(path), artifact_path)
 
 
 def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
     """Upload a folder's files to the active run's artifacts."""
-    _log(mlflow.log_artifacts, str(folder), artifact_path)
+    guarded(mlflow.log_artifacts, str(folder), artifact_path)
 
 
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     """Write a mapping as a JSON (or YAML, by extension) artifact of the active run."""
-    _log(mlflow.log_dict, dict(data), artifact_file)
+    guarded(mlflow.log_dict, dict(data), artifact_file)
 
 
 # ---------------------------------------------------------------------------------------------------
