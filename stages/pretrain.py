@@ -510,7 +510,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         tracking.log_metrics({k: v for k, v in {**metrics, **run_info}.items() if isinstance(v, (int, float))})
         tracking.set_tags({"stop_reason": stopping.stop_reason, "budget": bound})
         tracking.log_artifact(paths.metrics / f"pretrain_{variant}_curve.csv")
-        registry.log_stage_model(paths.model_dir(variant), variant, inputs=[start, *corpora(p, paths).values()])
+        registry.log_stage_model(paths.model_dir(variant), variant, inputs=[start, *corpora(p, paths).values()],
+                                 card_dir=paths.base_model)  # the base model's card: its license still applies
         clear_run_state(work)  # finished: nothing left to resume (the tokenised blocks stay cached)
         log.info("pretrain: %s", metrics)
 

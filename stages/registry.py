@@ -62,7 +62,8 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "transformers", "tokenizers")]
 
 
-def log_variant(model_dir: Path, variant: str, registered_model: str | None, tags: Mapping[str, str]) -> ModelInfo:
+def log_variant(model_dir: Path, variant: str, registered_model: str | None, tags: Mapping[str, str],
+                card_dir: Path | None = None) -> ModelInfo:
     """Log a save_pretrained folder (model + tokenizer) to the active run as an MLflow transformers model named
     `variant`, tagged `variant` and `tags` (e.g. the `data.<path>` md5s), and register it under
     `registered_model` with the same tags on the version (None: log only).
@@ -79,9 +80,11 @@ def log_variant(model_dir: Path, variant: str, registered_model: str | None, tag
     # a pipeline, not the folder's path: MLflow 3.17 can log a path without loading it, but that route fails on
     # transformers 5 (pipelines.check_task now names the class as a string). On the CPU: saving needs no GPU
     pipe = pipeline(task, model=str(model_dir), device="cpu")
-    readme = model_dir / "README.md"  # a hub model's card, with its license: kept beside the weights
+    # a hub model's card, with its license, kept beside the weights; an adapted model carries its base model's
+    # (`card_dir`). Without one MLflow looks the folder up on the hub as a repo id, and warns
+    readme = next((d / "README.md" for d in (model_dir, card_dir) if d and (d / "README.md").exists()), None)
     info = mlflow.transformers.log_model(pipe, name=variant, task=task, tags=all_tags,
-                                         model_card=ModelCard.load(readme) if readme.exists() else None,
+                                         model_card=ModelCard.load(readme) if readme else None,
                                          pip_requirements=pip_requirements())
     if registered_model:
         try:
@@ -143,14 +146,15 @@ def record_verdict(registered_model: str, versions: Mapping[str, str | int], ver
 
 
 def log_stage_model(model_dir: Path, variant: str, inputs: Iterable[Path] = (), tags: Mapping[str, str] | None = None,
-                    params_path: Path = PARAMS_FILE) -> int | None:
+                    card_dir: Path | None = None, params_path: Path = PARAMS_FILE) -> int | None:
     """The stage's model to its MLflow run as `registry:` says, tagged with the DVC md5s of the stage's `inputs`
-    (`data.<path>`, from dvc.lock) and `tags`. Returns the registered version, if any."""
+    (`data.<path>`, from dvc.lock) and `tags`, with the model card (and license) of `card_dir` where it has none.
+    Returns the registered version, if any."""
     rp = load_registry_params(params_path)
     if not rp.log_models:
         return None
     all_tags = {**tracking.data_version_tags(paths=inputs), **(tags or {})}
-    info = tracking.guarded(log_variant, model_dir, variant, rp.registered_model, all_tags)
+    info = tracking.guarded(log_variant, model_dir, variant, rp.registered_model, all_tags, card_dir)
     if info is not None:
         log.info("registry: %s logged as %s%s", variant, info.model_uri,
                  f", {rp.registered_model} version {info.registered_model_version}" if rp.registered_model else "")

@@ -53,7 +53,9 @@ def store(tmp_path_factory):
     experiment = mlflow.create_experiment("dapt", artifact_location=(root / "mlartifacts").as_uri())
     folders = {"general": general_folder(root / "general"), "domain": domain_folder(root / "domain")}
     with mlflow.start_run(experiment_id=experiment) as run:
-        infos = {v: registry.log_variant(folders[v], v, NAME, {"data.models/" + v: f"md5-{v}"}) for v in folders}
+        # the adapted model carries its base model's card, as pretrain logs it
+        infos = {v: registry.log_variant(folders[v], v, NAME, {"data.models/" + v: f"md5-{v}"},
+                                         card_dir=folders["general"]) for v in folders}
         unregistered = registry.log_variant(folders["domain"], "domain_novocab", None, {})
     yield {"root": root, "folders": folders, "infos": infos, "unregistered": unregistered, "run_id": run.info.run_id}
     mlflow.set_tracking_uri(previous)
@@ -84,8 +86,8 @@ def test_logged_model_holds_one_safetensors_copy_and_the_card(store):
     for variant, path in local.items():
         weights = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]
         assert weights == ["model/model.safetensors"], variant
-    card = yaml.safe_load((local["general"] / "model_card_data.yaml").read_text())  # from its README
-    assert card["license"] == "apache-2.0"
+    for variant in ("general", "domain"):  # from its README; the domain model's from its base model's
+        assert yaml.safe_load((local[variant] / "model_card_data.yaml").read_text())["license"] == "apache-2.0"
 
 
 def test_latest_version_by_variant_and_run(store):
