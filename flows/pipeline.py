@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import networkx as nx
-import yaml
 from filelock import FileLock
 from prefect import flow, get_run_logger, serve, task
 from prefect.artifacts import create_markdown_artifact
@@ -44,7 +43,7 @@ from prefect.schedules import Cron
 from pydantic import Field
 
 from stages import tracking
-from stages.common import Section, validate_section
+from stages.common import Section, read_params_file, validate_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENT_ENV = tracking.PARENT_ENV  # every stage's MLflow run becomes a child of the flow's
@@ -66,7 +65,7 @@ class PipelineParams(Section):
 def settings(root: Path = ROOT) -> PipelineParams:
     """The `pipeline:` section of params.yaml, validated."""
     path = root / "params.yaml"
-    return validate_section(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, "pipeline", PipelineParams, path)
+    return validate_section(read_params_file(path, profile=False), "pipeline", PipelineParams, path)
 
 
 def dag(root: Path = ROOT) -> dict[str, tuple[list[str], str]]:
@@ -287,20 +286,20 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> list[str
             unknown = set(stages) - set(graph)
             if unknown:
                 raise ValueError(f"{root_path / 'dvc.yaml'}: no stage {sorted(unknown)}; stages: {list(graph)}")
-            graph = {s: ([d for d in deps if d in stages], cmd) for s, (deps, cmd) in graph.items() if s in stages}
+            graph = {name: ([d for d in deps if d in stages], cmd) for name, (deps, cmd) in graph.items()
+                     if name in stages}
         gpus = visible_gpus()
         max_parallel = s.max_parallel or max(len(gpus), 1)
         logger.info("%d stages, up to %d at once, %s", len(graph), max_parallel,
                     f"GPUs {','.join(gpus)}" if gpus else "no GPU")
-        # an unreachable tracking server fails here, before any stage (and DVC) touches an output
-        tracking.check_server(tracking.tracking_uri(root_path))
-        if s.dvc_remote:
-            dvc_sync("pull", s.dvc_remote, root, stage_env(None))
+        # parent_run checks the tracking server first: an unreachable one fails here, before DVC touches an output
         with tracking.parent_run(f"pipeline-{flow_run.get_name() or 'local'}", root=root_path,
                                  tags={"stage": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
+            if s.dvc_remote:
+                dvc_sync("pull", s.dvc_remote, root, stage_env(None))
             started = run_stages(graph, root, stage_env(parent), max_parallel, gpus)
-        if s.dvc_remote:
-            dvc_sync("push", s.dvc_remote, root, stage_env(None))
+            if s.dvc_remote:
+                dvc_sync("push", s.dvc_remote, root, stage_env(None))
     finally:
         lock.release()
     report = root_path / "reports" / "comparison.md"
