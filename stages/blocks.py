@@ -1,6 +1,7 @@
 """Pretraining text as token blocks through 🤗 datasets: tokenised once into Arrow files, read lazily.
 
-`tokenize_corpus` tokenises a corpus (a folder of Parquet shards as `clean` writes it, or a JSONL file) with
+`tokenize_corpus` tokenises a corpus (a folder of Parquet shards as `clean` writes it, a JSONL file, or several
+of these read as one stream) with
 `Dataset.map(batched=True, num_proc=...)` over its row groups, each read straight from its shard, into Arrow files:
 each document's token ids followed by a separator, in corpus order, as uint16 where the vocabulary fits (2 bytes
 a token). The folder is keyed by a hash of the tokenizer, this module and every input file, each hashed as a
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -124,20 +126,24 @@ def tokenize_units(batch: dict, core: Tokenizer, sep: int) -> dict:
     return {"ids": out}
 
 
-def tokenize_corpus(tok: PreTrainedTokenizerBase, source: Path, cache: Path, num_proc: int | None = None) -> Path:
+def tokenize_corpus(tok: PreTrainedTokenizerBase, source: Path | Sequence[Path], cache: Path,
+                    num_proc: int | None = None) -> Path:
     """Tokenise `source` once into `cache/<key>/` (Arrow files and a manifest); later calls return that folder.
+    Several sources are one stream, in the order given (TAPT's task text: a task's train set and its collection).
 
     `Dataset.map` runs over the corpus's units (`work_units`), each worker reading its own straight from the
     shards: no Arrow copy of the text is made, and a worker holds one row group at a time. Under several
     processes, one calls it and the others wait (`stages.pretrain.shared_blocks`).
     """
-    files = text_shards(source)
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    files = [f for s in sources for f in text_shards(s)]
+    name = ", ".join(map(str, sources))  # what the manifest and the messages name
     folder = cache / corpus_key(tok, files)
     if (folder / MANIFEST).exists():
         return folder
     units = work_units(files)
     num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(units)))
-    log.info("pretrain: tokenising %s (%d files, %d units) into %s, %d processes", source, len(files), len(units),
+    log.info("pretrain: tokenising %s (%d files, %d units) into %s, %d processes", name, len(files), len(units),
              folder, num_proc)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
@@ -157,7 +163,7 @@ def tokenize_corpus(tok: PreTrainedTokenizerBase, source: Path, cache: Path, num
         n_tokens = sum(len(c.values) for c in tokens.data.column("ids").chunks)
         arrow = sorted(Path(f["filename"]).name for f in tokens.cache_files)
         (tmp / MANIFEST).write_text(json.dumps({"files": arrow, "documents": len(tokens), "tokens": n_tokens,
-                                                "source": str(source)}))
+                                                "source": name}))
     return folder
 
 
@@ -217,7 +223,7 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {**self.__dict__, "_chunks": None}
 
 
-def token_blocks(tok: PreTrainedTokenizerBase, source: Path, block: int, cache: Path,
+def token_blocks(tok: PreTrainedTokenizerBase, source: Path | Sequence[Path], block: int, cache: Path,
                  num_proc: int | None = None) -> TokenBlocks:
     """`TokenBlocks` of `source`, tokenised into `cache` unless already there; in one process (several share the
     work through `stages.pretrain.shared_blocks`)."""

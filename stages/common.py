@@ -98,8 +98,8 @@ def read_params_file(path: Path = PARAMS_FILE, profile: bool = True) -> dict[str
 
 AUTO_PROFILE = "cpu-demo"  # what `profile: auto` means with the built-in demo; with your own data: none
 # dvc.yaml expands these into stage names before any code runs: a profile cannot change them
-TEMPLATED = ("paths", "pretrain.variants", "pretrain.launcher", "pretrain.snapshots", "finetune.variants",
-             "finetune.seeds")
+TEMPLATED = ("paths", "pretrain.variants", "pretrain.launcher", "pretrain.snapshots", "pretrain.tapt",
+             "finetune.variants", "finetune.seeds")
 
 
 def profile_name(data: dict[str, Any]) -> str | None:

@@ -3,10 +3,14 @@
 Reads every `finetune` run named in params (variants x seeds) and the adaptation curve's runs
 (`finetune_curve`: the domain model's pretraining snapshots), and reports:
 - mean +- std per variant over seeds, the paired per-seed differences, and a paired bootstrap over test
-  examples for domain - general (the verdict, the report's first line) and domain - domain_novocab;
+  examples for domain - general (the verdict, the report's first line) and domain - domain_novocab; the
+  measure is macro-F1 for classification, nDCG@10 (per query, by ir-measures) for retrieval (`report.SCORING`);
+- with TAPT variants (`pretrain.tapt`), what the domain corpus and the task text each add: tapt - general,
+  dapt_tapt - domain, dapt_tapt - tapt and dapt_tapt - general, by the same bootstrap;
 - TF-IDF + logistic-regression references trained on the same split (sequence classification): one on the
   same text the transformers saw (each text cut where the base tokenizer's `max_seq_length` window ends), one
-  on whole texts, so the gap between them is what the cut costs;
+  on whole texts, so the gap between them is what the cut costs; for retrieval, BM25 (bm25s) and each model's
+  zero-shot scores (before fine-tuning);
 - the share of texts longer than `max_seq_length` per variant and split (from the fine-tuning runs, or counted
   here with the base tokenizer for runs that did not record it);
 - the budget beside the published recipe (`RECIPE`): DAPT tokens, fine-tuning epochs and sequence length, and
@@ -41,15 +45,21 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import make_pipeline
 
-from stages import registry, report, tracking
+from stages import registry, report, retrieval, tracking
 from stages.common import Paths, Section, active_profile, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_stage, write_json, write_text
 from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_info_path, run_name, scores
 from stages.pretrain import PretrainParams
+from stages.report import SCORING, Scoring
 from stages.tasks import load_tokenizer, truncated
 
 METRICS = report.METRICS
-Counts = tuple[np.ndarray, np.ndarray, np.ndarray]  # per example x class: true positives, true, predicted
+Counts = tuple[np.ndarray, ...]  # per example (x class): true positives, true, predicted; or a retrieval score
+# what each added pretraining contributes, when TAPT variants ran: (what is added, a, b), a - b
+TAPT_VARIANTS = ("tapt", "dapt_tapt")
+CONTRIBUTIONS = (("DAPT (domain corpus)", "domain", "general"), ("TAPT (task text)", "tapt", "general"),
+                 ("TAPT after DAPT", "dapt_tapt", "domain"), ("DAPT before TAPT", "dapt_tapt", "tapt"),
+                 ("DAPT + TAPT", "dapt_tapt", "general"))
 
 
 class CompareParams(Section):
@@ -100,9 +110,9 @@ def mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict[str, float]]]:
+def summarise(runs: dict[str, dict[int, dict]], metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, dict[str, float]]]:
     """variant -> metric -> mean/std/n over seeds."""
-    return {v: {m: mean_std([r[m] for r in by_seed.values()]) for m in METRICS} for v, by_seed in runs.items()}
+    return {v: {m: mean_std([r[m] for r in by_seed.values()]) for m in metrics} for v, by_seed in runs.items()}
 
 
 def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str) -> dict[str, float]:
@@ -155,9 +165,15 @@ def macro_f1_resampled(counts: Counts, weights: np.ndarray) -> np.ndarray:
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
+def mean_resampled(values: Counts, weights: np.ndarray) -> np.ndarray:
+    """The mean of a per-example score (`values[0]`, e.g. a query's nDCG@10) in each resample."""
+    return weights @ values[0] / weights.sum(1)
+
+
 def paired_bootstrap(counts_a: list[Counts], counts_b: list[Counts], resamples: int, seed: int,
-                     chunk: int = 250) -> dict[str, float]:
-    """Macro-F1 of a - b (averaged over seeds) with a 95% percentile interval and a two-sided p-value.
+                     chunk: int = 250, score=macro_f1_resampled) -> dict[str, float]:
+    """`score` (macro-F1 from per-example counts, or `mean_resampled` of per-query scores) of a - b, averaged over
+    seeds, with a 95% percentile interval and a two-sided p-value.
 
     Two levels, both paired: each resample draws test examples with replacement (the same draw for every seed
     and both variants) and then seeds with replacement (the same seeds for both variants), so the interval
@@ -166,12 +182,11 @@ def paired_bootstrap(counts_a: list[Counts], counts_b: list[Counts], resamples: 
     n, k = len(counts_a[0][0]), len(counts_a)
     rng = np.random.default_rng(seed)
     full = np.ones((1, n))
-    observed = float(np.mean([macro_f1_resampled(a, full)[0] - macro_f1_resampled(b, full)[0]
-                              for a, b in zip(counts_a, counts_b, strict=True)]))
+    observed = float(np.mean([score(a, full)[0] - score(b, full)[0] for a, b in zip(counts_a, counts_b, strict=True)]))
     diff = []
     for size in [chunk] * (resamples // chunk) + [resamples % chunk] * bool(resamples % chunk):
         weights = rng.multinomial(n, np.full(n, 1 / n), size=size).astype(float)
-        per_seed = np.stack([macro_f1_resampled(a, weights) - macro_f1_resampled(b, weights)
+        per_seed = np.stack([score(a, weights) - score(b, weights)
                              for a, b in zip(counts_a, counts_b, strict=True)])  # seeds x resamples
         seeds = rng.integers(0, k, size=(k, size))
         diff.append(np.take_along_axis(per_seed, seeds, axis=0).mean(0))
@@ -188,11 +203,11 @@ def verdict_word(diff: dict[str, float], alpha: float = 0.05) -> str:
     return "better" if diff["mean"] > 0 else "worse"
 
 
-def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
+def verdict(diff: dict[str, float], alpha: float = 0.05, word: str = "macro-F1") -> str:
     """One honest sentence: significant at `alpha` (by `diff["method"]`, a paired t-test over seeds unless
-    stated), with the effect size and its interval, or not a result."""
+    stated), with the effect size (in `word`: macro-F1, nDCG@10) and its interval, or not a result."""
     mean, n = diff["mean"], diff["n"]
-    stats_text = (f"domain - general macro-F1 = {mean:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f}, "
+    stats_text = (f"domain - general {word} = {mean:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f}, "
                   f"{diff.get('method', 'paired t-test')} {report.fmt_p(diff['p_value'])}, domain better in "
                   f"{diff['wins']}/{n} seeds)")
     word = verdict_word(diff, alpha)
@@ -201,14 +216,21 @@ def verdict(diff: dict[str, float], alpha: float = 0.05) -> str:
     return f"The domain-adapted model is significantly {word}: {stats_text}."
 
 
-def slope_verdict(before: str, after: str, d: dict, alpha: float = 0.05) -> str:
+def slope_verdict(before: str, after: str, d: dict, alpha: float = 0.05, word: str = "macro-F1") -> str:
     """What the last stretch of the adaptation curve says about more DAPT."""
-    text = f"From {before} to {after} of DAPT, macro-F1 changed by {d['mean']:+.3f} ({report.fmt_ci(d)}, {report.fmt_p(d['p_value'])})"
+    text = f"From {before} to {after} of DAPT, {word} changed by {d['mean']:+.3f} ({report.fmt_ci(d)}, {report.fmt_p(d['p_value'])})"
     if d["p_value"] < alpha and d["mean"] > 0:
         return f"{text}: still rising at the end, so more DAPT may well pay."
     if d["p_value"] < alpha:
         return f"{text}: falling at the end; more DAPT of this kind is unlikely to help."
     return f"{text}: not distinguishable from no change, so this curve gives no evidence that more DAPT would pay."
+
+
+def bm25_reference(test: list[dict], corpus: list[dict]) -> dict[str, float]:
+    """BM25's mean test scores (bm25s over whole documents, no training): the bar for retrieval, as TF-IDF + LR is
+    for classification."""
+    per_query = retrieval.evaluate({q["id"]: q["qrels"] for q in test}, retrieval.bm25_run(corpus, test))
+    return {f"test_{k}": v for k, v in retrieval.mean_scores(per_query).items()}
 
 
 def tfidf_baseline(train: list[dict], test: list[dict], p: CompareParams) -> dict[str, float]:
@@ -295,18 +317,25 @@ def budget(pre: dict | None, t: TrainingParams, truncated_test: float | None, pr
     return {**out, "reasons": reasons, "far_below": bool(reasons)}
 
 
+def reference_key(key: str) -> str:
+    """A reference's name in metrics files: the TF-IDF rows are `tfidf_<text>`; BM25 and zero-shot rows their own."""
+    return f"tfidf_{key}" if key in ("same_text", "whole_text") else key
+
+
 def headline(summary: dict, diff: dict, references: dict[str, dict], budget_facts: dict,
-             probe: list[dict]) -> dict:
-    """The verdict's numbers, what `dvc metrics show` prints: short names, one row. `general_loss_ratio` is
-    the domain model's general-text MLM loss after DAPT over the probe's reference (above 1: forgetting)."""
+             probe: list[dict], scoring: Scoring = report.CLASSIFICATION) -> dict:
+    """The verdict's numbers, what `dvc metrics show` prints: short names (`f1_...` for classification, `ndcg_...`
+    for retrieval), one row. `general_loss_ratio` is the domain model's general-text MLM loss after DAPT over the
+    probe's reference (above 1: forgetting)."""
     after = next((row for row in probe if row.get("variant") == "domain"), None)
+    m, short = scoring.primary, scoring.short
     return {
         "verdict": verdict_word(diff),
-        "f1_domain": summary["domain"]["test_macro_f1"]["mean"],
-        "f1_general": summary["general"]["test_macro_f1"]["mean"],
-        "f1_diff": diff["mean"], "f1_diff_ci_low": diff["ci_low"], "f1_diff_ci_high": diff["ci_high"],
+        f"{short}_domain": summary["domain"][m]["mean"],
+        f"{short}_general": summary["general"][m]["mean"],
+        f"{short}_diff": diff["mean"], f"{short}_diff_ci_low": diff["ci_low"], f"{short}_diff_ci_high": diff["ci_high"],
         "p_value": diff["p_value"],
-        **{f"f1_tfidf_{key}": r["test_macro_f1"] for key, r in references.items()},
+        **{f"{short}_{reference_key(key)}": r[m] for key, r in references.items()},
         **({"dapt_tokens": budget_facts["dapt_tokens_seen"], "dapt_recipe_tokens": budget_facts["recipe_tokens"]}
            if "dapt_tokens_seen" in budget_facts else {}),
         "far_below_recipe": budget_facts["far_below"],
@@ -323,19 +352,23 @@ def headline(summary: dict, diff: dict, references: dict[str, dict], budget_fact
 def bootstrap_runs(rows: dict[str, list[dict]], names_a: list[str], names_b: list[str], kind: str,
                    classes: list[str], p: CompareParams) -> dict[str, float]:
     """`paired_bootstrap` of the fine-tuning runs `names_a` - `names_b` (seed by seed), from their predictions."""
+    ids = {tuple(r["id"] for r in rows[n]) for n in [*names_a, *names_b]}
+    if len(ids) > 1:
+        raise ValueError(f"compare: the runs {names_a + names_b} scored different test examples; rerun them together")
+    score = mean_resampled if kind == "retrieval" else macro_f1_resampled
     return paired_bootstrap([counts_of(rows[n], kind, classes) for n in names_a],
-                            [counts_of(rows[n], kind, classes) for n in names_b], p.bootstrap_resamples, p.seed)
+                            [counts_of(rows[n], kind, classes) for n in names_b], p.bootstrap_resamples, p.seed,
+                            score=score)
 
 
 def compare_variants(runs: dict[str, dict[int, dict]], rows: dict[str, list[dict]], a: str, b: str, seeds: list[int],
                      kind: str, classes: list[str], p: CompareParams) -> dict:
     """a - b: the per-seed t-test (as `seed_test`), with the paired bootstrap over test examples as the headline."""
-    seed_test = paired_difference(runs, a, b, "test_macro_f1")
+    seed_test = paired_difference(runs, a, b, SCORING[kind].primary)
     boot = bootstrap_runs(rows, [run_name(a, s) for s in seeds], [run_name(b, s) for s in seeds], kind, classes, p)
     n = len(rows[run_name(a, seeds[0])])
-    unit = "sentences" if kind == "token_classification" else "texts"
     return {**seed_test, **boot, "seed_test": seed_test,
-            "method": f"paired bootstrap over {n:,} test {unit} x {len(seeds)} seeds,"}
+            "method": f"paired bootstrap over {n:,} test {SCORING[kind].unit} x {len(seeds)} seeds,"}
 
 
 def load_runs(paths: Paths, variants: list[str], seeds: list[int], at: int | None = None) -> dict[str, dict[int, dict]]:
@@ -364,7 +397,7 @@ def load_predictions(paths: Paths, name: str) -> list[dict]:
 
 
 def task_kind(runs: dict[str, dict[int, dict]]) -> str:
-    """sequence_classification or token_classification, as the fine-tuning runs recorded it."""
+    """sequence_classification, token_classification or retrieval, as the fine-tuning runs recorded it."""
     kinds = {m.get("task", "sequence_classification") for by_seed in runs.values() for m in by_seed.values()}
     if len(kinds) != 1:
         raise ValueError(f"compare: the fine-tuning runs are of different tasks: {sorted(kinds)}")
@@ -372,6 +405,9 @@ def task_kind(runs: dict[str, dict[int, dict]]) -> str:
 
 
 def counts_of(rows: list[dict], kind: str, classes: list[str]) -> Counts:
+    """What the bootstrap resamples, per test example: class or entity counts, or a query's primary score."""
+    if kind == "retrieval":
+        return (np.array([r[SCORING[kind].primary.removeprefix("test_")] for r in rows], dtype=float),)
     if kind == "token_classification":
         return entity_counts([r["tags"] for r in rows], [r["pred"] for r in rows], classes)
     return class_counts([r["label"] for r in rows], [r["pred"] for r in rows], classes)
@@ -410,7 +446,8 @@ def forgetting_probe(extra: dict[str, dict]) -> list[dict]:
         rows.append({"name": "domain before DAPT (new vocabulary, step 0)", "short": "domain before DAPT",
                      "loss": pre["domain"]["general_loss_start"]})
     for v, m in pre.items():
-        rows.append({"name": f"{v} after DAPT (step {m['best_step']})", "short": f"{v} after DAPT", "variant": v,
+        how = "TAPT" if v in TAPT_VARIANTS else "DAPT"
+        rows.append({"name": f"{v} after {how} (step {m['best_step']})", "short": f"{v} after {how}", "variant": v,
                      "loss": m["general_loss_best"], "start": m["general_loss_start"]})
     return rows
 
@@ -431,8 +468,9 @@ def run_hours(pre: dict) -> float:
     return pre.get("device_hours", pre.get("seconds", float("nan")) / 3600)
 
 
-def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: dict, pre: dict | None) -> list[dict]:
-    """One point per pretraining snapshot and the final domain model: macro-F1 over seeds, the compute behind
+def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: dict, pre: dict | None,
+                 metric: str = "test_macro_f1") -> list[dict]:
+    """One point per pretraining snapshot and the final domain model: `metric` over seeds, the compute behind
     it, and the paired per-seed difference to the general model."""
     points = []
     for pct in sorted(snapshots):
@@ -456,15 +494,17 @@ def curve_points(paths: Paths, fp: FinetuneParams, snapshots: list[int], runs: d
                        "device": pre.get("device", "cpu")})
     points.sort(key=lambda pt: (pt["step"], pt["percent"]))
     for p in points:
-        p.update(mean_std([r["test_macro_f1"] for r in p["runs"].values()]))
-        p["vs_general"] = paired_difference({"a": p["runs"], "general": runs["general"]}, "a", "general", "test_macro_f1")
+        p.update(mean_std([r[metric] for r in p["runs"].values()]))
+        p["vs_general"] = paired_difference({"a": p["runs"], "general": runs["general"]}, "a", "general", metric)
     return points
 
 
-def curve_csv(points: list[dict]) -> str:
-    rows = ["percent,step,tokens_seen,device_hours,macro_f1_mean,macro_f1_std,minus_general"]
-    rows += [f"{p['percent']},{p['step']},{p['tokens_seen']},{p['device_hours']:.6f},{p['mean']:.6f},{p['std']:.6f},"
-             f"{p['vs_general']['mean']:.6f}" for p in points]
+def curve_csv(points: list[dict], metric: str = "test_macro_f1") -> str:
+    """The adaptation curve's points; the score's mean last, as DVC plots a CSV's last column by default."""
+    m = metric.removeprefix("test_")
+    rows = [f"percent,step,tokens_seen,device_hours,{m}_std,minus_general,{m}_mean"]
+    rows += [f"{p['percent']},{p['step']},{p['tokens_seen']},{p['device_hours']:.6f},{p['std']:.6f},"
+             f"{p['vs_general']['mean']:.6f},{p['mean']:.6f}" for p in points]
     return "\n".join(rows) + "\n"
 
 
@@ -509,12 +549,13 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             raise ValueError(f"compare: finetune.variants must include general and domain, got {fp.variants}")
         runs = load_runs(paths, fp.variants, fp.seeds)
         kind = task_kind(runs)
-        token_task = kind == "token_classification"
+        scoring, token_task, retrieval_task = SCORING[kind], kind == "token_classification", kind == "retrieval"
+        pm = scoring.primary.removeprefix("test_")  # the verdict's measure in metric names: macro_f1, ndcg_at_10
         # predictions of every run, the adaptation curve's included, by run name
         names = [run_name(v, s) for v in runs for s in fp.seeds] + \
             [run_name("domain", s, pct) for pct in snapshots for s in fp.seeds]
         rows = {name: load_predictions(paths, name) for name in names}
-        classes = classes_of(list(rows.values()), kind)
+        classes = [] if retrieval_task else classes_of(list(rows.values()), kind)
         extra = {name: load_metrics(paths, name)
                  for name in ["adapt_tokenizer", *(f"pretrain_{v}" for v in fp.variants if v != "general")]
                  if (paths.metrics / f"{name}.json").exists()}
@@ -529,84 +570,104 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         base_tok = load_tokenizer(paths.base_model, kind)
         cut = truncation(runs, task, base_tok, max_len)
         references = {}
-        if not token_task:
+        if retrieval_task:  # BM25, and each model before fine-tuning (the same for every seed)
+            references["bm25"] = bm25_reference(task["test"], read_jsonl(paths.task / "corpus.jsonl"))
+            references |= {f"zero_shot_{v}": {m: by_seed[fp.seeds[0]][f"zero_shot_{m}"] for m in scoring.metrics}
+                           for v, by_seed in runs.items()}
+        elif not token_task:
             seen = {s: seen_texts(base_tok, [ex["text"] for ex in task[s]], max_len) for s in ("train", "test")}
             seen = {s: [{**ex, "text": text} for ex, text in zip(task[s], seen[s], strict=True)] for s in seen}
             references = {"same_text": tfidf_baseline(seen["train"], seen["test"], p),
                           "whole_text": tfidf_baseline(task["train"], task["test"], p)}
 
         # statistics: per variant, per seed, and over test examples
-        summary = summarise(runs)
+        summary = summarise(runs, scoring.metrics)
 
         diff = compare_variants(runs, rows, "domain", "general", fp.seeds, kind, classes, p)
         vocab = compare_variants(runs, rows, "domain", "domain_novocab", fp.seeds, kind, classes, p) \
             if "domain_novocab" in runs else None
+        # what the domain corpus and the task text each add, when TAPT variants ran
+        contributions = [{"label": label, "a": a, "b": b, **compare_variants(runs, rows, a, b, fp.seeds, kind, classes, p)}
+                         for label, a, b in CONTRIBUTIONS if {a, b} <= set(runs)] if set(TAPT_VARIANTS) & set(runs) else []
         probe = forgetting_probe(extra)
         epochs_run = [m["epochs_run"] for by_seed in runs.values() for m in by_seed.values() if "epochs_run" in m]
-        budget_facts = budget(extra.get("pretrain_domain"), fp.training, cut["general"]["test"], profile,
+        # what the cut costs most: test texts, or for retrieval the documents (queries are short)
+        cut_share, cut_unit = ((cut["general"]["corpus"], "corpus documents") if "corpus" in cut["general"]
+                               else (cut["general"]["test"], "test texts"))
+        budget_facts = budget(extra.get("pretrain_domain"), fp.training, cut_share, profile,
                               statistics.fmean(epochs_run) if epochs_run else None)
-        points = curve_points(paths, fp, snapshots, runs, extra.get("pretrain_domain"))
+        budget_facts["truncated_unit"] = cut_unit
+        points = curve_points(paths, fp, snapshots, runs, extra.get("pretrain_domain"), scoring.primary)
         slope = None
         if len(points) >= 2:
             last, before = points[-1], points[-2]
             slope = bootstrap_runs(rows, [run_name("domain", s, last["at"]) for s in fp.seeds],
                                    [run_name("domain", s, before["at"]) for s in fp.seeds], kind, classes, p)
-            slope["text"] = slope_verdict(f"step {before['step']:,}", f"step {last['step']:,}", slope)
+            slope["text"] = slope_verdict(f"step {before['step']:,}", f"step {last['step']:,}", slope, word=scoring.word)
 
         # figures
         curves = {v: list(csv.DictReader((paths.metrics / f"pretrain_{v}_curve.csv").open()))
                   for v in fp.variants if (paths.metrics / f"pretrain_{v}_curve.csv").exists()}
         curves = {v: [{k: float(x) for k, x in row.items()} for row in history] for v, history in curves.items()}
-        labels = sorted({t for v in runs for s in fp.seeds for r in rows[run_name(v, s)]
-                         for t in (r["tags"] + r["pred"] if token_task else [r["label"], r["pred"]])})
         with atomic_path(figures) as tmp:
             tmp.mkdir()
-            report.plot_scores(summary, runs, report.reference_labels(references, max_len), tmp / "scores.png")
-            report.plot_confusions({v: confusion([rows[run_name(v, s)] for s in fp.seeds], kind, labels) for v in runs},
-                                   labels, tmp / "confusion.png")
+            lines = {k: r for k, r in references.items() if not k.startswith("zero_shot_")}
+            zero_shot = {k.removeprefix("zero_shot_"): r for k, r in references.items() if k.startswith("zero_shot_")}
+            report.plot_scores(summary, runs, report.reference_labels(lines, max_len), tmp / "scores.png", scoring,
+                               zero_shot)
+            if not retrieval_task:
+                labels = sorted({t for v in runs for s in fp.seeds for r in rows[run_name(v, s)]
+                                 for t in (r["tags"] + r["pred"] if token_task else [r["label"], r["pred"]])})
+                report.plot_confusions({v: confusion([rows[run_name(v, s)] for s in fp.seeds], kind, labels)
+                                        for v in runs}, labels, tmp / "confusion.png")
             if points:
-                report.plot_curve(points, summary["general"]["test_macro_f1"], tmp / "adaptation_curve.png")
+                report.plot_curve(points, summary["general"][scoring.primary], tmp / "adaptation_curve.png",
+                                  scoring.word)
             if curves:
                 report.plot_dapt_losses(curves, tmp / "dapt_loss.png")
             if "adapt_tokenizer" in extra:
                 report.plot_fertility(extra["adapt_tokenizer"], tmp / "fertility.png")
 
         # report
-        text = report.comparison_markdown(verdict(diff), summary, diff, references, extra, vocab, probe, points, slope,
-                                          token_task, budget_facts, cut, max_len)
+        text = report.comparison_markdown(verdict(diff, word=scoring.word), summary, diff, references, extra, vocab,
+                                          probe, points, slope, token_task, budget_facts, cut, max_len, scoring,
+                                          contributions)
         write_text(paths.reports / "comparison.md", text)
         report.write_html(text, paths.reports, paths.reports / "comparison.html")
         if points:
-            write_text(paths.metrics / "adaptation_curve.csv", curve_csv(points))
+            write_text(paths.metrics / "adaptation_curve.csv", curve_csv(points, scoring.primary))
 
         # metrics, and the comparison in MLflow: this run the parent, the fine-tuning runs its children
         metrics = {
-            **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in METRICS
+            **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in scoring.metrics
                for k in ("mean", "std")},
-            **{f"tfidf_{key}_{m.removeprefix('test_')}": v for key, r in references.items() for m, v in r.items()},
-            **{f"{v}_truncated_{s}": t[s] for v, t in cut.items() for s in SPLITS},
+            **{f"{reference_key(key)}_{m.removeprefix('test_')}": v for key, r in references.items() for m, v in r.items()},
+            **{f"{v}_truncated_{s}": t[s] for v, t in cut.items() for s in (*SPLITS, "corpus") if s in t},
             **{f"budget_{k}": budget_facts[k] for k in ("profile", "dapt_tokens_seen", "recipe_tokens",
                                                         "dapt_share_of_recipe", "finetune_epochs",
                                                         "finetune_epochs_run", "max_seq_length",
                                                         "truncated_test", "far_below") if budget_facts.get(k) is not None},
-            "domain_minus_general_macro_f1_mean": diff["mean"],
-            "domain_minus_general_macro_f1_std": diff["std"],
+            f"domain_minus_general_{pm}_mean": diff["mean"],
+            f"domain_minus_general_{pm}_std": diff["std"],
             "domain_minus_general_p_value": diff["p_value"],
             "domain_minus_general_ci_low": diff["ci_low"],
             "domain_minus_general_ci_high": diff["ci_high"],
             "domain_wins": diff["wins"],
-            **({"domain_minus_novocab_macro_f1_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
+            **({f"domain_minus_novocab_{pm}_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
                if vocab else {}),
+            **{k: v for c in contributions if (c["a"], c["b"]) != ("domain", "general")
+               for k, v in {f"{c['a']}_minus_{c['b']}_{pm}_mean": c["mean"], f"{c['a']}_minus_{c['b']}_p_value": c["p_value"],
+                            f"{c['a']}_minus_{c['b']}_ci_low": c["ci_low"], f"{c['a']}_minus_{c['b']}_ci_high": c["ci_high"]}.items()},
             **({"general_text_loss_general_model": probe[0]["loss"]} if probe and probe[0].get("general_model") else {}),
             **({"general_text_loss_domain_start": extra["pretrain_domain"]["general_loss_start"],
                 "general_text_loss_domain": extra["pretrain_domain"]["general_loss_best"]}
                if "pretrain_domain" in extra else {}),
-            **{f"curve_{pt['percent']}_macro_f1_mean": pt["mean"] for pt in points},
+            **{f"curve_{pt['percent']}_{pm}_mean": pt["mean"] for pt in points},
             **({"curve_last_step_gain": slope["mean"], "curve_last_step_p_value": slope["p_value"]} if slope else {}),
             "seeds": len(fp.seeds),
         }
         write_json(paths.metrics / "compare.json", metrics)
-        head = headline(summary, diff, references, budget_facts, probe)
+        head = headline(summary, diff, references, budget_facts, probe, scoring)
         write_json(paths.metrics / "headline.json", head)
         tracking.log_metrics(metrics)
         for name in ("comparison.md", "comparison.html"):
@@ -620,7 +681,7 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         registry.record_comparison(head, {
             "general": json.loads(ingest.read_text()).get("mlflow_run_id") if ingest.exists() else None,
             **{v: extra[f"pretrain_{v}"].get("mlflow_run_id") for v in fp.variants if f"pretrain_{v}" in extra}})
-        log.info("compare: %s", verdict(diff))
+        log.info("compare: %s", verdict(diff, word=scoring.word))
         print(text)
 
 

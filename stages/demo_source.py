@@ -3,7 +3,7 @@
 - scancode-toolkit ships ScanCode's licence database: the full text of ~2,600 licences (`*.LICENSE`) and
   ~36,000 detection rules (`*.RULE`: notices, references, tags... each tied to a licence expression).
   That is the *domain* corpus, and the source of a labelled task: which category (Permissive, Copyleft...)
-  is the licence a notice belongs to.
+  is the licence a notice belongs to; and of a retrieval task: which licence text does a notice name.
 - gensim ships two small general-English test corpora: a shortened Wikipedia dump and the Lee news corpus.
   That is the *general* reference text.
 
@@ -189,7 +189,8 @@ def _read_member(zf: zipfile.ZipFile, name: str, wheel: Path) -> str:
 
 
 def read_licences(wheel: Path) -> list[dict]:
-    """`{"key", "category", "text"}` for every licence in the wheel that has a text, sorted by key.
+    """`{"key", "name", "category", "text"}` for every licence in the wheel that has a text, sorted by key (`name`:
+    the front matter's, "" where it has none).
 
     A handful of licences are placeholders (e.g. `unknown`, `generic-cla`) with metadata only; they are
     skipped.
@@ -206,7 +207,8 @@ def read_licences(wheel: Path) -> list[dict]:
                 raise ValueError(f"{source}: front matter has no 'category'")
             text = strip_markers(body).strip()
             if text:
-                licences.append({"key": key, "category": meta["category"], "text": text})
+                licences.append({"key": key, "name": str(meta.get("name") or ""), "category": meta["category"],
+                                 "text": text})
     return licences
 
 
@@ -245,8 +247,10 @@ _COMPOUND = re.compile(r"[\s()]")
 TASK_FLAGS = ("text", "notice")  # the texts a reader would see in a file; tags and references are too short
 
 
-def task_examples(licences: list[dict], rules: list[dict], categories: list[str]) -> list[dict]:
-    """Labelled examples: rules flagged text or notice for a single licence, labelled with its category.
+def task_examples(licences: list[dict], rules: list[dict], categories: list[str],
+                  flags: tuple[str, ...] = TASK_FLAGS) -> list[dict]:
+    """Labelled examples: rules with one of `flags` (text or notice) for a single licence, labelled with its
+    category.
 
     Returns `{"id", "text", "label", "group"}` where `group` is the licence key (examples of one licence
     must stay in one split) and `label` is one of `categories`; other categories are dropped, and so are
@@ -257,7 +261,7 @@ def task_examples(licences: list[dict], rules: list[dict], categories: list[str]
     examples = []
     for rule in rules:
         expression = rule["license_expression"]
-        if not expression or _COMPOUND.search(expression) or not set(rule["flags"]) & set(TASK_FLAGS):
+        if not expression or _COMPOUND.search(expression) or not set(rule["flags"]) & set(flags):
             continue
         label = category_of.get(expression)
         if label in wanted:
@@ -356,6 +360,51 @@ def cap_examples(examples: list[dict], max_n: int | None, seed: int) -> list[dic
     keep = resample(np.arange(len(examples)), replace=False, n_samples=max_n,
                     stratify=[ex["label"] for ex in examples], random_state=seed)
     return [examples[i] for i in sorted(keep.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------
+# retrieval task: find the licence a notice names among all licence texts
+
+# texts that name or point to a licence, what a reader finds in a file and would search with; full licence
+# texts are the documents searched, and tags (`License: MIT` in a manifest) are markup, not a reader's text
+QUERY_FLAGS = ("notice", "reference")
+
+
+def retrieval_corpus(licences: list[dict]) -> list[dict]:
+    """`{"id", "title", "text"}` for every licence, sorted by key: the whole search space, licences that no
+    query asks for included. `title` is the licence's `name` ("" where it has none)."""
+    return [{"id": lic["key"], "title": lic.get("name", ""), "text": lic["text"]}
+            for lic in sorted(licences, key=itemgetter("key"))]
+
+
+def retrieval_task(licences: list[dict], rules: list[dict], categories: list[str], dev_fraction: float,
+                   test_fraction: float, max_per_licence: int | None, caps: dict[str, int | None],
+                   seed: int) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(corpus, splits) of the demo's retrieval task: which licence does a notice or reference name?
+
+    The corpus is `retrieval_corpus(licences)`. The queries are the rules flagged notice or reference for a
+    single licence whose category is in `categories`, repeated texts dropped (`task_examples` with
+    QUERY_FLAGS), each judged `{licence key: 1}`. They are chosen and split as the classification demo's
+    examples are: at most `max_per_licence` per licence, then `split_by_group` (a licence's queries all in
+    one split, stratified by category, so test asks for licences never seen in training), then at most
+    `caps[split]` per split (`cap_examples`; None: all). Queries are `{"id", "text", "qrels"}`: the licence and
+    any other licence with exactly its text (18 groups in ScanCode's data, e.g. ms-refl and ms-rsl), since no
+    model could tell such twins apart.
+    """
+    if set(caps) != {"train", "dev", "test"}:
+        raise ValueError(f"caps has keys {sorted(caps)}; expected exactly train, dev and test")
+    queries = task_examples(licences, rules, categories, flags=QUERY_FLAGS)
+    queries = cap_per_group(queries, max_per_licence, seed)
+    splits = split_by_group(queries, dev_fraction, test_fraction, seed)
+    splits = {split: cap_examples(splits[split], caps[split], seed) for split in splits}
+    # label (category) and group (licence) served the split only; the licence (and its twins) is now relevant
+    same_text: dict[str, list[str]] = {}
+    for lic in sorted(licences, key=itemgetter("key")):
+        same_text.setdefault(lic["text"], []).append(lic["key"])
+    twins = {key: keys for keys in same_text.values() for key in keys}
+    judged = {split: [{"id": q["id"], "text": q["text"], "qrels": dict.fromkeys(twins.get(q["group"], [q["group"]]), 1)}
+                      for q in splits[split]] for split in splits}
+    return retrieval_corpus(licences), judged
 
 
 # ---------------------------------------------------------------------------------------------------

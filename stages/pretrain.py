@@ -1,4 +1,4 @@
-"""pretrain: continued masked-language-model training on domain text (DAPT).
+"""pretrain: continued masked-language-model training on domain text (DAPT) or on the task's own text (TAPT).
 
 Recipe (all in params.yaml `pretrain`): documents packed into full blocks of `max_seq_length` (a separator
 between documents, no padding); `mlm_probability` of the tokens (or of the words, with `whole_word_mask`)
@@ -32,13 +32,20 @@ Variants (`pretrain.variants`): `domain` starts from the adapted tokenizer and e
 (`models/domain_novocab_init`): the same recipe on both separates the gain from new vocabulary from the gain
 from continued pretraining.
 
+TAPT (Gururangan et al. 2020, "Don't Stop Pretraining"), `pretrain.tapt`: the same recipe (budget, masking,
+early stopping) on the task's unlabelled training text instead of the domain corpus, from the model each entry
+names: `tapt` from the general model with its MLM head (`domain_novocab_init`), the paper's TAPT; `dapt_tapt` from
+the DAPT model (`domain`), its DAPT + TAPT. Their in-domain validation is the task's dev text (general text as
+for DAPT); they keep no adaptation curve (`_snapshots`).
+
 Crash safety: every `save_steps` a checkpoint (model, optimiser, scheduler, RNG states, data position and
 the early-stopping state) goes to `checkpoints/<variant>`, which is no DVC output (DVC leaves it alone between runs,
 and a clone with `dvc pull` does not miss it), as is the tokenised data (`tokens/`). Rerunning the stage after a crash resumes from the last checkpoint of a
 run with the same params and inputs.
 
 Run: `dvc repro pretrain` (every variant) or `python -m stages.pretrain --variant domain` (`--tokenize-only` fills
-the token cache and stops: once, before a multi-node launch). Several processes
+the token cache and stops: once, before a multi-node launch); TAPT: `dvc repro tapt` or `--variant tapt`
+(`dapt_tapt`). Several processes
 or GPUs: set `pretrain.launcher` (e.g. `torchrun --nproc_per_node 4`), which dvc.yaml puts before `-m`.
 """
 
@@ -55,7 +62,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from accelerate import PartialState
@@ -73,6 +80,7 @@ from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_
     full_precision, master_weights, own_head_parameters, training_args
 
 PretrainVariant = Literal["domain", "domain_novocab"]
+TaptVariant = Literal["tapt", "dapt_tapt"]
 
 
 class PretrainParams(Section):
@@ -106,6 +114,8 @@ class PretrainParams(Section):
     dataloader_workers: int = Field(0, ge=0)
     data_processes: int | None = Field(None, ge=1)
     snapshots: list[int] = Field(default_factory=list)
+    # TAPT run -> the model under paths.models it starts from: one this stage or adapt_tokenizer makes
+    tapt: dict[TaptVariant, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _probabilities(self) -> PretrainParams:
@@ -121,6 +131,13 @@ class PretrainParams(Section):
                 self.max_steps is not None and len(self.snapshot_steps()) != len(self.snapshots):
             raise ValueError(f"pretrain.snapshots: percentages in 0..99 (100% is the final model) that fall on "
                              f"distinct steps of max_steps {self.max_steps}, got {self.snapshots}")
+        # what the report calls them: tapt is TAPT alone (from an _init model, which adapt_tokenizer always writes),
+        # dapt_tapt is TAPT after DAPT (from a model pretrain.variants trains)
+        starts = {"tapt": ["domain_novocab_init", "domain_init"], "dapt_tapt": list(self.variants)}
+        for name, start in self.tapt.items():
+            if start not in starts[name]:
+                raise ValueError(f"pretrain.tapt.{name}: '{start}' is no model it can start from; one of "
+                                 f"{', '.join(starts[name])} ({'an _init model of adapt_tokenizer: TAPT alone' if name == 'tapt' else 'a model pretrain.variants trains: TAPT after DAPT'})")
         return self
 
     def tokens_per_step(self, processes: int) -> int:
@@ -161,13 +178,45 @@ def with_replay(domain: Dataset, general: Dataset | None, share: float, seed: in
     return ConcatDataset([domain, Subset(general, pick.tolist())])
 
 
-def corpora(p: PretrainParams, paths: Paths) -> dict[str, Path]:
-    """The texts pretraining reads: training text (general too, with replay) and the two validation sets."""
-    texts = {"domain_train": paths.domain_train, "domain": paths.domain_valid, "general": paths.general_valid}
-    return {**texts, "general_train": paths.general_train} if p.general_replay else texts
+def is_tapt(variant: str) -> bool:
+    return variant in get_args(TaptVariant)
 
 
-def shared_blocks(tok: PreTrainedTokenizerBase, corpora: dict[str, Path], p: PretrainParams,
+def start_dir(p: PretrainParams, paths: Paths, variant: str) -> Path:
+    """The model `variant` starts from: `models/<variant>_init` (DAPT), or the one `pretrain.tapt` names (TAPT)."""
+    if not is_tapt(variant):
+        return paths.init_dir(variant)
+    if variant not in p.tapt:
+        raise ValueError(f"pretrain.tapt: no start for '{variant}' (configured: {', '.join(p.tapt) or 'none'}); "
+                         f"add e.g. `{variant}: {'domain' if variant == 'dapt_tapt' else 'domain_novocab_init'}`")
+    start = paths.model_dir(p.tapt[variant])
+    if not start.is_dir():
+        raise FileNotFoundError(f"{start}: not found (pretrain.tapt.{variant} starts from it: run the stage that "
+                                f"makes it first, `dvc repro` does)")
+    return start
+
+
+def task_text(task: Path) -> list[Path]:
+    """TAPT's training text: the `text` of the task's train set and, for a retrieval task, of its collection (the
+    documents searched are unlabelled task text too, and usually most of it)."""
+    return [task / "train.jsonl", *([task / "corpus.jsonl"] if (task / "corpus.jsonl").exists() else [])]
+
+
+def corpora(p: PretrainParams, paths: Paths, variant: str = "domain") -> dict[str, list[Path]]:
+    """The texts pretraining reads: training text (the domain corpus, or the task's for TAPT; general too, with
+    replay) and the two validation sets. Each is one token stream over its files.
+
+    TAPT's in-domain validation (`domain`, what early stopping and the best model follow) is the task's dev text,
+    unlabelled: text of the distribution TAPT adapts to that it does not train on. The domain validation set
+    would reward no TAPT step for `dapt_tapt`, whose start was already chosen for the lowest loss there."""
+    tapt = is_tapt(variant)
+    train = task_text(paths.task) if tapt else [paths.domain_train]
+    texts = {"train": train, "domain": [paths.task / "dev.jsonl" if tapt else paths.domain_valid],
+             "general": [paths.general_valid]}
+    return {**texts, "general_train": [paths.general_train]} if p.general_replay else texts
+
+
+def shared_blocks(tok: PreTrainedTokenizerBase, corpora: dict[str, Path | list[Path]], p: PretrainParams,
                   cache: Path) -> dict[str, TokenBlocks]:
     """`TokenBlocks` of each corpus: the main process tokenises (with every core) while the others wait, then
     they map the folders it names, without reading the corpus themselves."""
@@ -365,7 +414,9 @@ def clear_run_state(work: Path) -> None:
 def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) -> str:
     """What a checkpoint must match to be resumed: the params, the number of processes (it sets the data each
     one sees), this stage's code and every input file's bytes."""
-    h = hashlib.sha1(p.model_dump_json(exclude={"variants", "launcher", "dataloader_workers",
+    # not which runs exist (`variants`, `tapt`: adding one must not restart another; a TAPT run's start is among
+    # its files) nor how it is run
+    h = hashlib.sha1(p.model_dump_json(exclude={"variants", "tapt", "launcher", "dataloader_workers",
                                                  "data_processes"}).encode())
     h.update(str(processes).encode())
     files = [*files, Path(__file__), Path(mlm.__file__), Path(blocks.__file__)]
@@ -379,9 +430,9 @@ def run_fingerprint(p: PretrainParams, files: Sequence[Path], processes: int) ->
 
 
 def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
-    """Continued MLM pretraining of `variant`, from `models/<variant>_init` to `models/<variant>`."""
+    """Continued MLM pretraining of `variant`, from `start_dir` to `models/<variant>`."""
     tracking.check_server()  # before the work below (fingerprint, checkpoint clean-up), not only at stage_run
-    start, work = paths.init_dir(variant), paths.checkpoints / variant
+    start, work, texts = start_dir(p, paths, variant), paths.checkpoints / variant, corpora(p, paths, variant)
     # first: under torchrun/accelerate, TrainingArguments joins the processes (every one trains, one writes);
     # the steps are known once the data is (the budget may be in tokens or epochs), when the Trainer's are made
     args = training_args(p, work / "trainer", p.learning_rate, 1, p.warmup_ratio, p.seed + 1, save=True,
@@ -395,8 +446,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 
     # resume: only a checkpoint of this very run (same params, model and data) is picked up
     if main:  # the one process that writes; the others would read the whole corpus for nothing
-        inputs = [f for f in start.rglob("*") if f.is_file()] + [f for c in corpora(p, paths).values()
-                                                                 for f in text_shards(c)]
+        inputs = [f for f in start.rglob("*") if f.is_file()] + [f for c in texts.values() for s in c
+                                                                 for f in text_shards(s)]
         fingerprint = run_fingerprint(p, inputs, state.num_processes)
         if (work / "run.json").exists() and json.loads((work / "run.json").read_text()) != fingerprint:
             clear_run_state(work)
@@ -415,18 +466,22 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 
         # data: tokenised once per tokenizer into a memory-mapped cache (stages.blocks), by the first process
         tok = AutoTokenizer.from_pretrained(start)
-        data = shared_blocks(tok, corpora(p, paths), p, work / "tokens")
-        train_blocks = with_replay(data["domain_train"], data.get("general_train"), p.general_replay, p.seed)
+        data = shared_blocks(tok, texts, p, work / "tokens")
+        train_blocks = with_replay(data["train"], data.get("general_train"), p.general_replay, p.seed)
         eval_collator = make_collator(tok, p, seed=p.seed)
         eval_sets = {name: fixed_eval_batches(data[name].head(p.max_eval_blocks), eval_collator, p.batch_size)
                      for name in ("domain", "general")}
         warmup_dataset, train_dataset = Blocks(train_blocks, p.seed), Blocks(train_blocks, p.seed + 1)
+        # the adaptation curve is the domain model's (finetune_curve): other variants keep no snapshots
+        if variant != "domain":
+            p = p.model_copy(update={"snapshots": []})
         p, bound = p.resolve(len(train_blocks), state.num_processes)
         args = training_args(p, work / "trainer", p.learning_rate, p.max_steps, p.warmup_ratio, p.seed + 1, save=True,
                              autocast=not p.bf16_weights)
-        log.info("pretrain: %d training blocks of %d tokens (%d general, %s domain tokens); %d steps (%s), "
+        log.info("pretrain: %d training blocks of %d tokens (%d general, %s %s tokens); %d steps (%s), "
                  "%.3g tokens, %.3g corpus epochs", len(train_blocks), p.max_seq_length,
-                 len(train_blocks) - len(data["domain_train"]), f"{data['domain_train'].tokens:,}", p.max_steps, bound,
+                 len(train_blocks) - len(data["train"]), f"{data['train'].tokens:,}",
+                 "task" if is_tapt(variant) else "domain", p.max_steps, bound,
                  p.max_steps * p.tokens_per_step(state.num_processes), epochs(p, p.max_steps, len(train_blocks),
                                                                               state.num_processes))
 
@@ -438,7 +493,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         loggers = [tracking.MLflowLogger(step_offset=p.head_warmup_steps)] if main else []
 
         # head warm-up: encoder (and tied embeddings) frozen, only the head's own weights learn. A resumed
-        # run skips it: its checkpoint holds the warmed-up head
+        # run skips it: its checkpoint holds the warmed-up head. A start whose head is trained already (dapt_tapt's
+        # models/domain) gets it too: a few steps of the head alone, cheap, before the baseline evaluation
         if p.head_warmup_steps > 0 and resume is None:
             head_params = own_head_parameters(model.mlm)
             for w in model.parameters():
@@ -453,15 +509,13 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         # train: evaluate first, so the unadapted model is the baseline and the first admissible checkpoint
         stopping = DomainGeneralStopping(p, eval_sets, work / "best", tok, p.head_warmup_steps, main)
         stopping.started = started
-        # the adaptation curve is the domain model's (finetune_curve): other variants keep no snapshots
-        curve = p if variant == "domain" else p.model_copy(update={"snapshots": []})
-        snapshots = Snapshots(curve, work / "snapshots", tok, state.num_processes, stopping, main, len(train_blocks))
+        snapshots = Snapshots(p, work / "snapshots", tok, state.num_processes, stopping, main, len(train_blocks))
         if resume:
             stopping.restore(Path(resume))
         else:
             stopping.evaluate_and_decide(model.to(args.device), p.head_warmup_steps)
-            if 0 in curve.snapshot_steps():
-                snapshots.save(model, curve.snapshot_steps()[0], 0)
+            if 0 in p.snapshot_steps():
+                snapshots.save(model, p.snapshot_steps()[0], 0)
         # another seed than the warm-up's: the same one would replay its blocks in the same order with the same masks
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                           callbacks=[EpochSetter(train_dataset), stopping, snapshots, *loggers],
@@ -479,11 +533,12 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         with atomic_path(paths.model_dir(variant)) as tmp:
             shutil.copytree(stopping.best_dir, tmp)
         snapshots.finish(stopping.best_dir, stopping.best["step"] - p.head_warmup_steps)
-        with atomic_path(paths.snapshot_dir(variant, 0).parent) as tmp:
-            shutil.copytree(work / "snapshots", tmp) if curve.snapshots else tmp.mkdir()
-            # the curve's index, and a file in the folder even without snapshots (DVC tracks the folder)
-            write_json(tmp / "snapshots.json", {str(pct): json.loads((tmp / str(pct) / "snapshot.json").read_text())
-                                                for pct in curve.snapshots})
+        if not is_tapt(variant):  # dvc.yaml's pretrain stage declares the folder of each DAPT variant; tapt's, none
+            with atomic_path(paths.snapshot_dir(variant, 0).parent) as tmp:
+                shutil.copytree(work / "snapshots", tmp) if p.snapshots else tmp.mkdir()
+                # the curve's index, and a file in the folder even without snapshots (DVC tracks the folder)
+                write_json(tmp / "snapshots.json", {str(pct): json.loads((tmp / str(pct) / "snapshot.json")
+                                                                         .read_text()) for pct in p.snapshots})
         first, best, last = stopping.history[0], stopping.best, stopping.history[-1]
         metrics = {
             "stop_reason": stopping.stop_reason,
@@ -510,7 +565,9 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         tracking.log_metrics({k: v for k, v in {**metrics, **run_info}.items() if isinstance(v, (int, float))})
         tracking.set_tags({"stop_reason": stopping.stop_reason, "budget": bound})
         tracking.log_artifact(paths.metrics / f"pretrain_{variant}_curve.csv")
-        registry.log_stage_model(paths.model_dir(variant), variant, inputs=[start, *corpora(p, paths).values()],
+        # DVC tracks the task folder, not its files: the folder's md5 (from dvc.lock) is what tags a TAPT model
+        tracked = [start, *([paths.task] if is_tapt(variant) else []), *(s for c in texts.values() for s in c)]
+        registry.log_stage_model(paths.model_dir(variant), variant, inputs=tracked,
                                  card_dir=paths.base_model)  # the base model's card: its license still applies
         clear_run_state(work)  # finished: nothing left to resume (the tokenised blocks stay cached)
         log.info("pretrain: %s", metrics)
@@ -519,8 +576,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
 def tokenize_only(p: PretrainParams, paths: Paths, variant: str) -> None:
     """Fill the token cache of `variant` and stop: one process, before a multi-node launch, so no rank waits on
     tokenisation longer than the collective timeout."""
-    tok = AutoTokenizer.from_pretrained(paths.init_dir(variant))
-    for path in corpora(p, paths).values():
+    tok = AutoTokenizer.from_pretrained(start_dir(p, paths, variant))
+    for path in corpora(p, paths, variant).values():
         log.info("pretrain: %s tokens in %s", path, tokenize_corpus(tok, path, paths.checkpoints / variant / "tokens",
                                                                     p.data_processes))
 
@@ -528,7 +585,8 @@ def tokenize_only(p: PretrainParams, paths: Paths, variant: str) -> None:
 def main() -> None:
     setup_stage()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="domain", choices=["domain", "domain_novocab"])
+    parser.add_argument("--variant", default="domain", choices=[*get_args(PretrainVariant), *get_args(TaptVariant)],
+                        help="a DAPT variant (pretrain.variants) or a TAPT run (pretrain.tapt)")
     parser.add_argument("--tokenize-only", action="store_true", help="fill the token cache, do not train")
     args = parser.parse_args()
     (tokenize_only if args.tokenize_only else run)(load_params("pretrain", PretrainParams), load_paths(), args.variant)

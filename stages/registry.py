@@ -27,8 +27,15 @@ from stages.common import PARAMS_FILE, Section, log, read_params_file, validate_
 
 VARIANT_TAG = "variant"
 VERDICT_PREFIX = "compare."  # version tags from the verdict: compare.<key of metrics/headline.json>
-# the headline keys the alias decision and the tags need (see compare.headline)
-VERDICT_KEYS = ("verdict", "f1_diff", "f1_diff_ci_low", "f1_diff_ci_high", "p_value", "f1_domain", "f1_general")
+# the headline keys the alias decision and the tags need (see compare.headline), by the verdict's measure: f1 for
+# classification, ndcg for retrieval
+VERDICT_KEYS = ("verdict", "{m}_diff", "{m}_diff_ci_low", "{m}_diff_ci_high", "p_value", "{m}_domain", "{m}_general")
+MEASURES = ("f1", "ndcg")
+
+
+def measure(verdict: Mapping[str, Any]) -> str:
+    """The verdict's measure prefix (f1, ndcg): the one whose difference the headline carries (f1 when none does)."""
+    return next((m for m in MEASURES if f"{m}_diff" in verdict), MEASURES[0])
 
 
 class RegistryParams(Section):
@@ -110,10 +117,10 @@ def latest_version(registered_model: str, variant: str, run_id: str | None = Non
 
 def favoured(verdict: Mapping[str, Any]) -> str:
     """The variant the verdict favours: `domain` only when it is significantly better than `general` (compare's
-    verdict is `better` and the 95% interval of domain - general macro-F1 lies above 0); otherwise `general`,
+    verdict is `better` and the 95% interval of domain - general macro-F1 or nDCG@10 lies above 0); otherwise `general`,
     since without evidence that adaptation pays the unchanged base model is the cheaper, safer choice.
     (`domain_novocab` is never favoured: the verdict compares domain with general only.)"""
-    return "domain" if verdict["verdict"] == "better" and verdict["f1_diff_ci_low"] > 0 else "general"
+    return "domain" if verdict["verdict"] == "better" and verdict[f"{measure(verdict)}_diff_ci_low"] > 0 else "general"
 
 
 def record_verdict(registered_model: str, versions: Mapping[str, str | int], verdict: Mapping[str, Any],
@@ -122,7 +129,7 @@ def record_verdict(registered_model: str, versions: Mapping[str, str | int], ver
     (`compare.<key>` for every key of `verdict`, compare's headline dict, plus `compare.run_id` and
     `compare.favoured`), and point `alias` at the favoured variant's version (see `favoured`).
     `run_id`: the comparison's run, by default the active one. Returns the favoured variant."""
-    missing = [k for k in VERDICT_KEYS if k not in verdict]
+    missing = [k for k in (key.format(m=measure(verdict)) for key in VERDICT_KEYS) if k not in verdict]
     if missing:
         raise ValueError(f"registry.record_verdict: the verdict lacks {missing}; pass compare's headline dict "
                          "(what metrics/headline.json holds)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -21,8 +22,37 @@ import numpy as np  # noqa: E402
 
 from stages.common import atomic_path, write_text  # noqa: E402
 
-COLOURS = {"general": "#8da0cb", "domain": "#fc8d62", "domain_novocab": "#66c2a5"}
-METRICS = ("test_macro_f1", "test_accuracy")
+COLOURS = {"general": "#8da0cb", "domain": "#fc8d62", "domain_novocab": "#66c2a5", "tapt": "#e78ac3",
+           "dapt_tapt": "#a6d854"}
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a task kind is scored and named: the table's test metrics (the first decides the verdict), their names,
+    the word the verdict uses, what a bootstrap resamples, and the prefix of the headline's keys."""
+
+    metrics: tuple[str, ...]
+    names: tuple[str, ...]
+    word: str
+    unit: str
+    short: str
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0]
+
+
+SCORING = {
+    "sequence_classification": Scoring(("test_macro_f1", "test_accuracy"), ("macro-F1", "accuracy"), "macro-F1",
+                                       "texts", "f1"),
+    "token_classification": Scoring(("test_macro_f1", "test_accuracy"), ("entity macro-F1", "token accuracy"),
+                                    "macro-F1", "sentences", "f1"),
+    # BEIR's headline measure first; MRR@10 as MS MARCO reports it; Recall@100: what a re-ranker could still fix
+    "retrieval": Scoring(("test_ndcg_at_10", "test_mrr_at_10", "test_recall_at_100"), ("nDCG@10", "MRR@10", "Recall@100"),
+                         "nDCG@10", "queries", "ndcg"),
+}
+CLASSIFICATION = SCORING["sequence_classification"]
+METRICS = CLASSIFICATION.metrics
 
 
 def save(fig, path: Path) -> None:
@@ -38,30 +68,36 @@ def save(fig, path: Path) -> None:
 
 
 def plot_scores(summary: dict, runs: dict[str, dict[int, dict]], references: dict[str, dict[str, float]],
-                path: Path) -> None:
+                path: Path, scoring: Scoring = CLASSIFICATION, zero_shot: dict[str, dict] | None = None) -> None:
     """Bars (mean +- std over seeds) per variant with each seed as a dot; each reference (label -> scores,
-    e.g. TF-IDF on the same text and on whole texts) as a grey line."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
+    e.g. TF-IDF on the same text and on whole texts, BM25) as a grey line; each variant's zero-shot score (variant
+    -> scores, retrieval) as a hollow marker on its bar."""
+    zero_shot = zero_shot or {}
+    fig, axes = plt.subplots(1, len(scoring.metrics), figsize=(4.5 * len(scoring.metrics), 3.8))
     variants = list(summary)
-    for ax, metric in zip(axes, METRICS, strict=True):
+    for ax, metric, name in zip(axes, scoring.metrics, scoring.names, strict=True):
         means = [summary[v][metric]["mean"] for v in variants]
         stds = [summary[v][metric]["std"] for v in variants]
         ax.bar(variants, means, yerr=stds, capsize=6, color=[COLOURS.get(v, "#bbbbbb") for v in variants])
         for i, v in enumerate(variants):
             ys = [r[metric] for r in runs[v].values()]
             ax.scatter([i] * len(ys), ys, color="black", s=12, zorder=3)
-        for (label, scores), style in zip(references.items(), ("--", ":", "-."), strict=False):
+            if v in zero_shot:
+                ax.scatter([i], [zero_shot[v][metric]], marker="D", facecolors="none", edgecolors="black", s=40,
+                           zorder=3, label="zero-shot (not fine-tuned)" if i == 0 else None)
+        for (label, scores), style in zip(references.items(), ("--", ":", "-."), strict=False):  # at most two
             ax.axhline(scores[metric], linestyle=style, color="grey", label=label)
-        if references:
+        if references or zero_shot:
             ax.legend(loc="lower right", fontsize=7)
-        ax.set_title(metric.replace("test_", "test ").replace("_", "-") + " (mean +- std over seeds)")
+        title = metric.replace("test_", "test ").replace("_", "-") if scoring.short == "f1" else f"test {name}"
+        ax.set_title(title + " (mean +- std over seeds)")
         ax.set_ylim(0, 1)
         ax.tick_params(axis="x", labelsize=8)
     save(fig, path)
 
 
-def plot_curve(points: list[dict], general: dict[str, float], path: Path) -> None:
-    """Downstream macro-F1 (mean +- std over seeds) against the tokens of DAPT behind each point; the general
+def plot_curve(points: list[dict], general: dict[str, float], path: Path, word: str = "macro-F1") -> None:
+    """Downstream score (`word`: macro-F1, nDCG@10; mean +- std over seeds) against the tokens of DAPT behind each point; the general
     model as a band. Each point is labelled with its share of the steps and its device-hours."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     x = [p["tokens_seen"] for p in points]
@@ -73,7 +109,7 @@ def plot_curve(points: list[dict], general: dict[str, float], path: Path) -> Non
     ax.axhline(general["mean"], color=COLOURS["general"], label="general model")
     ax.axhspan(general["mean"] - general["std"], general["mean"] + general["std"], color=COLOURS["general"], alpha=0.2)
     ax.set_xlabel("DAPT tokens seen")
-    ax.set_ylabel("test macro-F1")
+    ax.set_ylabel(f"test {word}")
     ax.set_title("Adaptation curve: does more DAPT pay?")
     ax.legend(loc="lower right", fontsize=8)
     save(fig, path)
@@ -149,27 +185,33 @@ def fmt_tokens(n: float) -> str:
 
 
 def reference_labels(references: dict[str, dict], max_len: int) -> dict[str, dict]:
-    """compare's references (`same_text`, `whole_text`) under the names the table and the figure give them."""
+    """compare's references (`same_text`, `whole_text`, `bm25`, `zero_shot_<variant>`) under the names the table
+    and the figure give them."""
     names = {"same_text": f"TF-IDF + LR, same text as the transformers (first {max_len} tokens)",
-             "whole_text": "TF-IDF + LR, whole text"}
-    return {names[key]: r for key, r in references.items()}
+             "whole_text": "TF-IDF + LR, whole text", "bm25": "BM25 (bm25s, whole documents, no training)"}
+    return {names.get(key) or f"{key.removeprefix('zero_shot_')}, zero-shot (not fine-tuned)": r
+            for key, r in references.items()}
 
 
-def scores_table(summary: dict, references: dict[str, dict], metric_names: tuple[str, str]) -> list[str]:
-    """Variant | seeds | mean +- std of both metrics; the references (label -> scores) as the last rows."""
-    lines = [f"| variant | seeds | test {metric_names[0]} | test {metric_names[1]} |", "|---|---|---|---|"]
+def scores_table(summary: dict, references: dict[str, dict], metric_names: tuple[str, ...],
+                 metrics: tuple[str, ...] = METRICS) -> list[str]:
+    """Variant | seeds | mean +- std of each metric; the references (label -> scores) as the last rows."""
+    lines = ["| variant | seeds | " + " | ".join(f"test {name}" for name in metric_names) + " |",
+             "|---|---|" + "---|" * len(metrics)]
     for v, s in summary.items():
-        f1, acc = s["test_macro_f1"], s["test_accuracy"]
-        lines.append(f"| {v} | {f1['n']} | {f1['mean']:.3f} +- {f1['std']:.3f} | {acc['mean']:.3f} +- {acc['std']:.3f} |")
+        lines.append(f"| {v} | {s[metrics[0]]['n']} | "
+                     + " | ".join(f"{s[m]['mean']:.3f} +- {s[m]['std']:.3f}" for m in metrics) + " |")
     for label, r in references.items():
-        lines.append(f"| {label} | - | {r['test_macro_f1']:.3f} | {r['test_accuracy']:.3f} |")
+        lines.append(f"| {label} | - | " + " | ".join(f"{r[m]:.3f}" for m in metrics) + " |")
     return lines
 
 
-def truncation_line(truncated: dict[str, dict], max_len: int, references: bool, token_task: bool) -> str:
+def truncation_line(truncated: dict[str, dict], max_len: int, references: bool, token_task: bool,
+                    unit: str | None = None) -> str:
     """What the transformers saw (the first `max_len` tokens, and how many test texts were longer) and what each
-    TF-IDF reference saw. `truncated`: variant -> split -> share, and its `source` (run or base tokenizer)."""
-    unit = "sentences" if token_task else "texts"
+    TF-IDF reference saw. `truncated`: variant -> split -> share, and its `source` (run or base tokenizer);
+    `unit`: what a split holds (texts, sentences, queries)."""
+    unit = unit or ("sentences" if token_task else "texts")
     shares = {v: t["test"] for v, t in truncated.items()}
     if all(t["source"] != "run" for t in truncated.values()):
         which = "counted with the general model's tokenizer"
@@ -177,8 +219,11 @@ def truncation_line(truncated: dict[str, dict], max_len: int, references: bool, 
         which = "with every variant's tokenizer"
     else:
         which = ", ".join(f"{v} {s:.0%}" for v, s in shares.items()) + ": each variant's own tokenizer"
-    line = (f"The transformers read the first {max_len} tokens of each {unit[:-1]} (special tokens included) and "
-            f"nothing after: {shares['general']:.0%} of test {unit} were longer ({which}).")
+    docs = truncated["general"].get("corpus")
+    line = (f"The transformers read the first {max_len} tokens of each {unit[:-1]}"
+            + (" and document" if docs is not None else "") + " (special tokens included) and "
+            f"nothing after: {shares['general']:.0%} of test {unit}"
+            + (f" and {docs:.0%} of the corpus's documents" if docs is not None else "") + f" were longer ({which}).")
     if references:
         line += (" The first TF-IDF row was trained and tested on that same text (each text cut where the general "
                  f"model's {max_len}-token window ends), the second on whole texts: the gap between them is what the "
@@ -196,7 +241,8 @@ def budget_line(b: dict) -> str:
                      f"epochs; the recipe trains {fmt_tokens(b['recipe_tokens'])} here: {bound})")
     low, high = b["recipe_learning_rate"]
     lr = "" if low <= b["finetune_learning_rate"] <= high else f", learning rate {b['finetune_learning_rate']:g}"
-    truncated = "" if b["truncated_test"] is None else f"; {b['truncated_test']:.0%} of test texts truncated"
+    truncated = "" if b["truncated_test"] is None else \
+        f"; {b['truncated_test']:.0%} of {b.get('truncated_unit', 'test texts')} truncated"
     epochs = f"{b['finetune_epochs']} epochs"
     if b.get("finetune_patience"):
         epochs = f"up to {epochs} (best on dev, patience {b['finetune_patience']}"
@@ -213,11 +259,11 @@ def budget_line(b: dict) -> str:
     return f"{name}: not far below the published recipe. {facts}."
 
 
-def forgetting_section(probe: list[dict], gain: float) -> list[str]:
+def forgetting_section(probe: list[dict], gain: float, word: str = "macro-F1") -> list[str]:
     """General-text MLM loss and perplexity before and after DAPT, beside the downstream gain; every row compared
     with the first (`short` names it), and the notes only about rows the table has."""
     lines = ["## Forgetting probe: general text", "",
-             f"Downstream gain of the domain model: macro-F1 {gain:+.3f}. What DAPT did to general text, on the "
+             f"Downstream gain of the domain model: {word} {gain:+.3f}. What DAPT did to general text, on the "
              "held-out general validation set (the same masked positions for every model):", "",
              f"| model | general MLM loss | perplexity | vs {probe[0]['short']} |", "|---|---|---|---|"]
     base = probe[0]["loss"]
@@ -240,11 +286,12 @@ def forgetting_section(probe: list[dict], gain: float) -> list[str]:
     return [*lines, ""]
 
 
-def curve_section(points: list[dict], general: dict, slope: dict | None, figure: str) -> list[str]:
+def curve_section(points: list[dict], general: dict, slope: dict | None, figure: str,
+                  word: str = "macro-F1") -> list[str]:
     """The adaptation curve: one row per point with its compute, and what the last step of the curve says."""
     lines = ["## Adaptation curve", "",
              "Fine-tuning from intermediate DAPT checkpoints, with the same settings and seeds as the table above.",
-             "", "| DAPT | step | tokens seen | corpus epochs | device-hours (final: whole run) | test macro-F1 "
+             "", f"| DAPT | step | tokens seen | corpus epochs | device-hours (final: whole run) | test {word} "
              "| vs general (paired over seeds) |", "|---|---|---|---|---|---|---|"]
     for p in points:
         vs = f"{p['vs_general']['mean']:+.3f} ({p['vs_general']['wins']}/{p['vs_general']['n']} seeds better)"
@@ -260,42 +307,52 @@ def curve_section(points: list[dict], general: dict, slope: dict | None, figure:
 
 def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dict[str, dict], extra: dict[str, dict],
                         vocab: dict | None, probe: list[dict], points: list[dict], slope: dict | None,
-                        token_task: bool, budget: dict, truncated: dict[str, dict], max_len: int) -> str:
+                        token_task: bool, budget: dict, truncated: dict[str, dict], max_len: int,
+                        scoring: Scoring | None = None, contributions: list[dict] | None = None) -> str:
     """The comparison report: verdict first, the budget beside it, then the table, then what explains it.
 
     `diff`: domain - general (bootstrap, with the per-seed test as `seed_test`); `references`: compare's TF-IDF
-    scores (`same_text`, `whole_text`); `extra`: `pretrain_<variant>`, `adapt_tokenizer` and `new_tokens`;
-    `vocab`: domain - domain_novocab, when run; `budget`: compare's `budget`; `truncated`: variant -> split ->
-    share of texts longer than `max_len` tokens."""
-    names = ("entity macro-F1", "token accuracy") if token_task else ("macro-F1", "accuracy")
+    scores (`same_text`, `whole_text`) or, for retrieval, BM25's and each model's zero-shot scores; `extra`:
+    `pretrain_<variant>`, `adapt_tokenizer` and `new_tokens`; `vocab`: domain - domain_novocab, when run; `budget`:
+    compare's `budget`; `truncated`: variant -> split -> share of texts longer than `max_len` tokens; `scoring`: the
+    task kind's metrics (`SCORING`); `contributions`: what DAPT and TAPT each add, when TAPT variants ran."""
+    scoring = scoring or SCORING["token_classification" if token_task else "sequence_classification"]
+    retrieval = scoring is SCORING["retrieval"]
+    word = scoring.word
     head = ["# General vs domain-adapted model\n", f"**{verdict}**\n", budget_line(budget) + "\n"]
     pre = extra.get("pretrain_domain")
     if pre and pre["stop_reason"] == "max_steps" and pre["best_step"] == pre["steps"]:
         head.append(f"Pretraining hit its budget ({pre['steps']:,} steps, {pre['tokens_seen']:,} tokens, "
                     f"{pre['corpus_epochs']:.2f} corpus epochs) with domain validation loss still falling: this "
                     "measures a short adaptation, not a converged one.\n")
-    head += scores_table(summary, reference_labels(references, max_len), names)
-    head += ["", truncation_line(truncated, max_len, bool(references), token_task)]
+    head += scores_table(summary, reference_labels(references, max_len), scoring.names, scoring.metrics)
+    head += ["", truncation_line(truncated, max_len, bool(references) and not retrieval, token_task, scoring.unit)]
+    if retrieval:
+        head += ["", "Each model is a bi-encoder (mean-pooled, cosine, exact search over the whole corpus) trained "
+                 "with in-batch negatives; its zero-shot row is the same model before fine-tuning. BM25 is the "
+                 "lexical reference (bm25s, whole documents). Measures by ir-measures, per query, then averaged."]
     if token_task:
         head += ["", "No TF-IDF reference: it is a sequence classifier. Entity macro-F1 is seqeval's, over entity "
                  "types; token accuracy counts every word's tag."]
     seed_test = diff["seed_test"]
     head += ["", f"Over seeds alone (paired t-test on the {seed_test['n']} per-seed differences): "
              f"{fmt_ci(seed_test)}, {fmt_p(seed_test['p_value'])}.",
-             "", "Per-seed domain - general macro-F1: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
+             "", f"Per-seed domain - general {word}: " + ", ".join(f"{d:+.3f}" for d in diff["diffs"]) + ".",
              "Seeds vary fine-tuning only: the domain model comes from one pretraining run.", ""]
     if vocab:
-        head += [f"Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): macro-F1 "
+        head += [f"Gain from the new vocabulary (domain - domain_novocab, the same pretraining without it): {word} "
                  f"{vocab['mean']:+.3f} ({fmt_ci(vocab)}, {vocab['method']} {fmt_p(vocab['p_value'])}, "
                  f"domain better in {vocab['wins']}/{vocab['n']} seeds).", ""]
     head += ["![scores per variant](figures/scores.png)", ""]
 
     sections = []
+    if contributions:
+        sections.append(contributions_section(contributions, word))
     if probe:
-        sections.append(forgetting_section(probe, diff["mean"]))
+        sections.append(forgetting_section(probe, diff["mean"], word))
     if points:
-        sections.append(curve_section(points, summary["general"]["test_macro_f1"], slope,
-                                             "figures/adaptation_curve.png"))
+        sections.append(curve_section(points, summary["general"][scoring.primary], slope,
+                                      "figures/adaptation_curve.png", word))
     pretrained = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
     if pretrained:
         lines = ["## Continued pretraining", "",
@@ -304,13 +361,16 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dic
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for v, m in pretrained.items():
             for name in ("domain", "general"):
+                text = "task dev" if name == "domain" and v in ("tapt", "dapt_tapt") else name  # TAPT's own
                 lines.append(f"| {v} | {m['steps']} | {m['stop_reason']} | {m['best_step']} | {m['tokens_seen']:,} | "
-                             f"{m['corpus_epochs']:.2f} | {m.get('seconds', float('nan')):.0f} | {name} | "
+                             f"{m['corpus_epochs']:.2f} | {m.get('seconds', float('nan')):.0f} | {text} | "
                              f"{m[f'{name}_loss_start']:.3f} | "
                              f"{m[f'{name}_loss_best']:.3f} | {m[f'{name}_loss_end']:.3f} |")
         sections.append([*lines, "", "![DAPT validation loss](figures/dapt_loss.png)", ""])
-    sections.append(["## Errors", "", "Row-normalised confusion matrices, test predictions of every seed together"
-                     + (" (word tags)" if token_task else "") + ":", "", "![confusion matrices](figures/confusion.png)", ""])
+    if not retrieval:
+        sections.append(["## Errors", "", "Row-normalised confusion matrices, test predictions of every seed together"
+                         + (" (word tags)" if token_task else "") + ":", "", "![confusion matrices](figures/confusion.png)",
+                         ""])
     tok = extra.get("adapt_tokenizer")
     if tok:
         lines = ["## Tokenizer", "", f"{tok['new_tokens']} domain tokens added (vocabulary {tok['base_vocab_size']} -> "
@@ -327,6 +387,20 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dic
                 ""]
         sections.append(lines)
     return "\n".join([*head, *(line for section in sections for line in section)]) + "\n"
+
+
+def contributions_section(rows: list[dict], word: str) -> list[str]:
+    """What the domain corpus (DAPT) and the task's own text (TAPT) each add: one paired comparison per row
+    (`label`, `a`, `b` and compare's bootstrap numbers)."""
+    lines = ["## What the domain corpus and the task text each add", "",
+             "DAPT: continued MLM on the domain corpus; TAPT: continued MLM on the task's own train text, unlabelled "
+             "(Gururangan et al. 2020). Each row pairs two fine-tuned variants over the same test "
+             "examples and seeds.", "",
+             f"| what is added | comparison | {word} difference | 95% CI | p | seeds better |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['a']} - {r['b']} | {r['mean']:+.3f} | {r['ci_low']:+.3f} to "
+                     f"{r['ci_high']:+.3f} | {fmt_p(r['p_value'])} | {r['wins']}/{r['n']} |")
+    return [*lines, ""]
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

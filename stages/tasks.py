@@ -3,9 +3,12 @@
 sequence_classification  records `{"id", "text", "label"}`: one label per text (the demo task).
 token_classification     records `{"id", "tokens", "tags", "text"}`: one tag per word, e.g. NER with BIO tags;
                          scored per entity with seqeval.
+retrieval                queries `{"id", "text", "qrels": {doc_id: score}}` searched in `corpus.jsonl`; a
+                         bi-encoder trained with sentence-transformers (`stages/retrieval.py`, not the Trainer
+                         pieces below).
 
-The type is read from the data (`task_type`), and `TASKS` maps it to its model class, collator, encoder,
-metrics and test results, so `finetune.run` reads the same for both.
+The type is read from the data (`task_type`), and `TASKS` maps each classification type to its model class,
+collator, encoder, metrics and test results, so `finetune.run` reads the same for both.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 
 from stages.common import log
 
-TaskType = Literal["sequence_classification", "token_classification"]
+TaskType = Literal["sequence_classification", "token_classification", "retrieval"]
 IGNORE = -100  # the label of positions the loss and the scores skip (PyTorch's and transformers' convention)
 
 
 def task_type(examples: Iterable[dict]) -> TaskType:
-    """token_classification when the records carry word-level `tags`, else sequence_classification."""
-    tagged = {"tags" in ex for ex in examples}
-    if len(tagged) > 1:
-        raise ValueError("task: some records have 'tags' and some do not; expected one task type")
-    return "token_classification" if tagged == {True} else "sequence_classification"
+    """retrieval when the records are queries with `qrels`, token_classification when they carry word-level
+    `tags`, else sequence_classification."""
+    kinds = {"retrieval" if "qrels" in ex else "token_classification" if "tags" in ex else "sequence_classification"
+             for ex in examples}
+    if len(kinds) > 1:
+        raise ValueError(f"task: records of several task types ({', '.join(sorted(kinds))}); expected one")
+    return kinds.pop() if kinds else "sequence_classification"
 
 
 def gold_labels(examples: Iterable[dict]) -> list[str]:

@@ -216,7 +216,7 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     assert metrics["general_text_loss_domain"] == 5.5 and metrics["curve_50_macro_f1_mean"] < \
         metrics["domain_macro_f1_mean"]
     curve = (project.metrics / "adaptation_curve.csv").read_text().splitlines()
-    assert curve[0].startswith("percent,step,tokens_seen,device_hours,macro_f1_mean") and len(curve) == 4
+    assert curve[0] == "percent,step,tokens_seen,device_hours,macro_f1_std,minus_general,macro_f1_mean" and len(curve) == 4
     # MLflow: the comparison is the parent of every fine-tuning run it compares
     parent = mlflow.search_runs(experiment_names=["dapt"], filter_string="tags.stage = 'compare'",
                                 output_format="list")[0]
@@ -447,3 +447,66 @@ def test_params_sections_hold_the_published_recipe():
     assert RECIPE.learning_rate[0] <= ft["learning_rate"] <= RECIPE.learning_rate[1]
     assert (ft["epochs"], ft["patience"], ft["max_seq_length"]) == (RECIPE.epochs, RECIPE.patience,
                                                                     RECIPE.max_seq_length)
+
+
+def test_stage_on_a_retrieval_task_with_tapt_variants(project):
+    """Fabricated retrieval runs: per-query nDCG@10 decides the verdict, BM25 and the zero-shot models are the
+    references, and the TAPT variants get their own paired rows."""
+    corpus = [{"id": f"d{i}", "title": f"licence {i}", "text": f"the {w} licence grants rights" * 2}
+              for i, w in enumerate(["apache", "gnu", "mit", "mozilla", "eclipse", "boost"])]
+    queries = [{"id": f"q{i}", "text": f"{w} notice", "qrels": {f"d{i % 6}": 1}}
+               for i, w in enumerate(["apache", "gnu", "mit", "mozilla", "eclipse", "boost"] * 10)]
+    for split in ("train", "dev", "test"):
+        write_jsonl(project.task / f"{split}.jsonl", queries)
+    write_jsonl(project.task / "corpus.jsonl", corpus)
+    wordpiece_tokenizer().save_pretrained(project.base_model)
+    fp = FP.model_copy(update={"variants": ["general", "domain", "tapt", "dapt_tapt"], "seeds": [0, 1]})
+    hit = {"general": 0.5, "domain": 0.9, "tapt": 0.6, "dapt_tapt": 0.95}  # share of queries ranked right at 1
+    per_query = {}
+    for v, share in hit.items():
+        for seed in fp.seeds:
+            rng = random.Random(f"{v}-{seed}")
+            ndcg = [1.0 if rng.random() < share else 0.0 for _ in queries]
+            per_query[v, seed] = ndcg
+            m = {"task": "retrieval", "variant": v, "seed": seed, "test_ndcg_at_10": float(np.mean(ndcg)),
+                 "test_mrr_at_10": float(np.mean(ndcg)), "test_recall_at_100": 1.0,
+                 **{f"zero_shot_test_{k}": 0.1 for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100")},
+                 "truncated": {"train": 0.0, "dev": 0.0, "test": 0.0, "corpus": 0.5}}
+            write_run(project, f"{v}-{seed}", m, [{"id": q["id"], "qrels": q["qrels"], "ranking": [], "ndcg_at_10": n,
+                                                   "mrr_at_10": n, "recall_at_100": 1.0} for q, n in zip(queries, ndcg)])
+    run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=300), fp, project, [])
+    report = (project.reports / "comparison.md").read_text()
+    assert "domain - general nDCG@10 = " in report.splitlines()[2]
+    assert "| variant | seeds | test nDCG@10 | test MRR@10 | test Recall@100 |" in report
+    assert "| BM25 (bm25s, whole documents, no training) | - | 1.000 |" in report  # each query names its document
+    assert "| general, zero-shot (not fine-tuned) | - | 0.100 | 0.100 | 0.100 |" in report
+    assert "paired bootstrap over 60 test queries x 2 seeds" in report
+    assert "and 50% of the corpus's documents were longer" in report
+    assert "50% of corpus documents truncated" in report.split("\n\n")[2]  # the budget: what the cut costs
+    assert "| tapt | 2 |" in report and "zero-shot" in report
+    assert "## What the domain corpus and the task text each add" in report
+    for row in ("| TAPT (task text) | tapt - general |", "| TAPT after DAPT | dapt_tapt - domain |",
+                "| DAPT before TAPT | dapt_tapt - tapt |", "| DAPT + TAPT | dapt_tapt - general |"):
+        assert row in report
+    assert "Errors" not in report and not (project.reports / "figures" / "confusion.png").exists()
+    metrics = json.loads((project.metrics / "compare.json").read_text())
+    gain = np.mean([np.mean(per_query["domain", s]) - np.mean(per_query["general", s]) for s in fp.seeds])
+    assert metrics["domain_minus_general_ndcg_at_10_mean"] == pytest.approx(gain)
+    assert metrics["tapt_minus_general_ndcg_at_10_mean"] == pytest.approx(
+        np.mean([np.mean(per_query["tapt", s]) - np.mean(per_query["general", s]) for s in fp.seeds]))
+    assert metrics["bm25_ndcg_at_10"] == 1.0 and metrics["zero_shot_domain_ndcg_at_10"] == 0.1
+    head = json.loads((project.metrics / "headline.json").read_text())
+    assert head["verdict"] == "better" and head["ndcg_diff"] == pytest.approx(gain) and head["ndcg_bm25"] == 1.0
+    assert "f1_diff" not in head
+
+
+def test_bootstrap_refuses_runs_that_scored_different_queries():
+    from stages.compare import bootstrap_runs
+
+    rows = {"a-0": [{"id": "q1", "ndcg_at_10": 1.0}, {"id": "q2", "ndcg_at_10": 0.0}],
+            "b-0": [{"id": "q2", "ndcg_at_10": 0.0}, {"id": "q1", "ndcg_at_10": 1.0}]}  # another order
+    p = CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=100)
+    with pytest.raises(ValueError, match="scored different test examples"):
+        bootstrap_runs(rows, ["a-0"], ["b-0"], "retrieval", [], p)
+    rows["b-0"] = rows["b-0"][::-1]
+    assert bootstrap_runs(rows, ["a-0"], ["b-0"], "retrieval", [], p)["mean"] == 0

@@ -159,6 +159,90 @@ def test_cap_examples_leaves_small_inputs_and_handles_singleton_labels() -> None
 
 
 # ---------------------------------------------------------------------------------------------------
+# retrieval task
+
+NO_CAPS = {"train": None, "dev": None, "test": None}
+
+
+def retrieval_inputs() -> tuple[list[dict], list[dict]]:
+    """Ten licences in each of two categories plus one of another, each with one rule of every kind."""
+    licences = [{"key": f"{cat[0].lower()}-{i}", "category": cat, "text": f"{cat} licence {i}"}
+                for cat in ("Permissive", "Copyleft") for i in range(10)]
+    licences.append({"key": "cla-x", "category": "CLA", "text": "CLA"})
+    rules = []
+    for key in sorted(lic["key"] for lic in licences):
+        rules += [rule(f"{key}_notice", key, ["notice"]), rule(f"{key}_ref", key, ["reference"]),
+                  rule(f"{key}_text", key, ["text"]), rule(f"{key}_tag", key, ["tag"]),
+                  rule(f"{key}_clue", key, ["clue"]), rule(f"{key}_and", f"{key} AND mit", ["notice"]),
+                  rule(f"{key}_with", f"{key} WITH some-exception", ["reference"])]
+    return licences, rules
+
+
+def test_retrieval_queries_are_single_licence_notices_and_references_judged_by_their_licence() -> None:
+    licences, rules = retrieval_inputs()
+    _, splits = ds.retrieval_task(licences, rules, ["Permissive", "Copyleft"], 0.2, 0.2, None, NO_CAPS, seed=0)
+    queries = [q for split in splits.values() for q in split]
+    # texts, tags, clues, compound expressions and the category not asked for (cla-x) are all dropped
+    assert sorted(q["id"] for q in queries) == sorted(f"{lic['key']}_{kind}" for lic in licences[:20]
+                                                      for kind in ("notice", "ref"))
+    for q in queries:
+        assert set(q) == {"id", "text", "qrels"}
+        assert q["qrels"] == {q["id"].rsplit("_", 1)[0]: 1} and q["text"] == f"text of {q['id']}"
+
+
+def test_retrieval_keeps_a_licences_queries_in_one_split_and_is_deterministic() -> None:
+    licences, rules = retrieval_inputs()
+    args = (licences, rules, ["Permissive", "Copyleft"], 0.2, 0.2, None, NO_CAPS)
+    _, splits = ds.retrieval_task(*args, seed=0)
+    split_of: dict[str, set[str]] = {}
+    for split, queries in splits.items():
+        assert queries, split
+        for q in queries:
+            split_of.setdefault(next(iter(q["qrels"])), set()).add(split)
+    assert len(split_of) == 20 and all(len(s) == 1 for s in split_of.values())
+    # stratified by category: each split asks for licences of both
+    assert all({next(iter(q["qrels"]))[0] for q in splits[s]} == {"p", "c"} for s in ("dev", "test"))
+    assert ds.retrieval_task(*args, seed=0)[1] == splits
+    assert ds.retrieval_task(*args, seed=1)[1] != splits
+
+
+def test_retrieval_corpus_holds_every_licence_sorted_by_key() -> None:
+    licences, rules = retrieval_inputs()
+    corpus, _ = ds.retrieval_task(list(reversed(licences)), rules, ["Permissive"], 0.2, 0.2, None, NO_CAPS, seed=0)
+    # Copyleft and CLA licences have no queries here, but they are part of the search space
+    assert corpus == [{"id": lic["key"], "title": "", "text": lic["text"]}
+                      for lic in sorted(licences, key=lambda lic: lic["key"])]
+    named = [{"key": "mit", "category": "Permissive", "text": "MIT", "name": "MIT License"}]
+    assert ds.retrieval_corpus(named) == [{"id": "mit", "title": "MIT License", "text": "MIT"}]
+
+
+def test_retrieval_judges_a_licence_with_the_same_text_relevant_too() -> None:
+    licences, rules = retrieval_inputs()
+    licences.append({"key": "p-0-copy", "category": "Permissive", "text": "Permissive licence 0"})  # p-0's text
+    _, splits = ds.retrieval_task(licences, rules, ["Permissive", "Copyleft"], 0.2, 0.2, None, NO_CAPS, seed=0)
+    judged = {q["id"]: q["qrels"] for split in splits.values() for q in split}
+    assert judged["p-0_notice"] == {"p-0": 1, "p-0-copy": 1} and judged["p-1_notice"] == {"p-1": 1}
+
+
+def test_retrieval_caps_queries_like_the_classification_task() -> None:
+    licences, rules = retrieval_inputs()
+    caps = {"train": 5, "dev": None, "test": None}
+    _, splits = ds.retrieval_task(licences, rules, ["Permissive", "Copyleft"], 0.2, 0.2, 1, caps, seed=0)
+    assert len(splits["train"]) == 5
+    per_licence = Counter(next(iter(q["qrels"])) for split in splits.values() for q in split)
+    assert set(per_licence.values()) == {1}  # max_per_licence=1 of each licence's notice and reference
+    with pytest.raises(ValueError, match=r"caps has keys \['dev', 'train'\]; expected exactly train, dev and test"):
+        ds.retrieval_task(licences, rules, ["Permissive"], 0.2, 0.2, None, {"train": 1, "dev": 1}, seed=0)
+
+
+def test_retrieval_drops_a_query_text_shared_by_two_licences() -> None:
+    licences, rules = retrieval_inputs()
+    rules += [rule("p-0_gpl", "p-0", ["reference"], "GPL"), rule("c-0_gpl", "c-0", ["reference"], "GPL")]
+    _, splits = ds.retrieval_task(licences, rules, ["Permissive", "Copyleft"], 0.2, 0.2, None, NO_CAPS, seed=0)
+    assert "GPL" not in {q["text"] for split in splits.values() for q in split}
+
+
+# ---------------------------------------------------------------------------------------------------
 # reading a wheel-shaped zip
 
 WIKI_XML = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10">
@@ -222,7 +306,7 @@ def wheel(tmp_path: Path) -> Path:
 
 def test_read_licences_skips_texts_that_are_empty(wheel: Path) -> None:
     assert ds.read_licences(wheel) == [
-        {"key": "mit", "category": "Permissive", "text": "Permission is hereby granted by MIT."}]
+        {"key": "mit", "name": "", "category": "Permissive", "text": "Permission is hereby granted by MIT."}]
 
 
 def test_read_licences_rejects_key_not_matching_file_name(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""End to end on your own files: the whole DAG with `ingest.source: files` on a small curated corpus.
+"""End to end on your own files: the whole DAG with `ingest.source: files` on a small curated corpus, with a
+retrieval task in a BEIR folder and both TAPT variants.
 
 The corpus is generated here: a few hundred distinct clinical-cardiology paragraphs (no exact or near
-duplicates: clean's near-dedup step finds nothing to remove, which once crashed it), a three-class referral
-task and no general text (ingest then uses the demo's offline general English), cleaned with the `scientific`
-preset. The tiny random BERT is the smoke's (`tests/smoke.py`) and so are the budgets, here as a named profile
-(`profile: tiny`) over the recipe's sections, as a user runs one; one `dvc repro` serves every test here.
+duplicates: clean's near-dedup step finds nothing to remove, which once crashed it), a retrieval task (referral
+letters searching clinic guidelines, one guideline per finding) and no general text (ingest then uses the demo's
+offline general English), cleaned with the `scientific` preset. The tiny random BERT is the smoke's
+(`tests/smoke.py`) and so are the budgets, here as a named profile (`profile: tiny`) over the recipe's sections,
+as a user runs one; one `dvc repro` serves every test here. Classification from files is covered stage by stage
+(tests/test_ingest.py) and end to end by the demo (tests/test_e2e.py).
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.smoke import ROOT, SMOKE_PARAMS, deep_update, make_workspace, repro
+from tests.smoke import SMOKE_PARAMS, deep_update, make_workspace, repro
 
 pytestmark = pytest.mark.e2e
 
-_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-VARIANTS = _PARAMS["finetune"]["variants"]
+VARIANTS = ["general", "domain", "tapt", "dapt_tapt"]
+TAPT = {"tapt": "domain_novocab_init", "dapt_tapt": "domain"}
 SEEDS = SMOKE_PARAMS["finetune"]["seeds"]
 N_DOCS = 300
+SPLIT_QUERIES = {"train": 90, "dev": 24, "test": 36}
 
 # ---------------------------------------------------------------------------------------------------
 # a synthetic domain: clinical cardiology. Every sentence template is used at most once per document and its
@@ -143,19 +147,42 @@ def domain_corpus(n: int, seed: int = 0) -> list[str]:
 
 
 def referrals(n_per_class: int, seed: int) -> list[dict]:
-    """Labelled referral letters, `n_per_class` of each class, shuffled."""
+    """Referral letters, `n_per_class` of each class, shuffled, with the finding each names (`doc`: the guideline
+    that answers it)."""
     rng = random.Random(seed)
     out = []
     for label, findings in TASK.items():
         for _ in range(n_per_class):
-            who = rng.choice(WHO)
+            who, j = rng.choice(WHO), rng.randrange(len(findings))
             text = rng.choice(REFERRALS).format(
-                age=rng.randint(19, 91), who=who, who_cap=f"A {who}", finding=rng.choice(findings),
+                age=rng.randint(19, 91), who=who, who_cap=f"A {who}", finding=findings[j],
                 history=rng.choice(HISTORY), when=rng.choice(WHEN), visit=rng.choice(VISIT),
                 when_rel=f"after {rng.choice(WHEN)}")
-            out.append({"text": text, "label": label})
+            out.append({"text": text, "label": label, "doc": f"{label}-{j}"})
     rng.shuffle(out)
     return out
+
+
+def guidelines(seed: int) -> list[dict]:
+    """One clinic guideline per finding (BEIR corpus rows): the documents the referrals search."""
+    rng = random.Random(seed)
+    return [{"_id": f"{label}-{j}", "title": f"{label.capitalize()} clinic: {finding}",
+             "text": f"Patients referred with {finding} are assessed in the {label} clinic. "
+                     + " ".join(sentence(rng, t) for t in rng.sample(SENTENCES, 3))}
+            for label, findings in TASK.items() for j, finding in enumerate(findings)]
+
+
+def write_beir(folder: Path, corpus: list[dict], queries: list[dict]) -> Path:
+    """A BEIR folder: corpus, queries and one qrels file per split (SPLIT_QUERIES, in order)."""
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", corpus)
+    write_jsonl(folder / "queries.jsonl", [{"_id": f"q{i}", "text": q["text"]} for i, q in enumerate(queries)])
+    start = 0
+    for split, n in SPLIT_QUERIES.items():
+        (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"q{i}\t{queries[i]['doc']}\t1\n" for i in range(start, start + n)))
+        start += n
+    return folder
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -181,12 +208,12 @@ def finished(tmp_path_factory, corpus):
     texts = [ex["text"] for ex in task]
     assert len(set(texts)) == len(texts)
     files = {"domain": write_jsonl(inputs / "domain.jsonl", [{"text": t} for t in corpus]),
-             "train": write_jsonl(inputs / "train.jsonl", task[:90]),
-             "dev": write_jsonl(inputs / "dev.jsonl", task[90:114]),
-             "test": write_jsonl(inputs / "test.jsonl", task[114:])}
-    # what dvc.yaml expands into stage names stays in the sections; the budgets go into a profile
-    templated = {"pretrain": {"snapshots": SMOKE_PARAMS["pretrain"]["snapshots"]},
-                 "finetune": {"seeds": SEEDS}}
+             "beir": str(write_beir(inputs / "beir", guidelines(seed=2), task)), "task_type": "retrieval"}
+    # what dvc.yaml expands into stage names stays in the sections; the budgets go into a profile. DAPT with the
+    # adapted vocabulary only (domain_novocab is the classification demo's), TAPT from the general model and
+    # after DAPT; the adaptation curve is the demo's test
+    templated = {"pretrain": {"variants": ["domain"], "snapshots": [], "tapt": TAPT},
+                 "finetune": {"variants": VARIANTS, "seeds": SEEDS}}
     budget = copy.deepcopy({k: v for k, v in SMOKE_PARAMS.items() if k != "ingest"})
     del budget["pretrain"]["snapshots"], budget["finetune"]["seeds"]
     ws = make_workspace(tmp / "ws", deep_update(templated, {
@@ -215,24 +242,48 @@ def test_every_document_survives_clean(finished):
     assert clean["general"]["kept"] > 0  # the demo's general text, or the file written above
 
 
+def test_ingest_wrote_the_beir_task(finished):
+    test = [json.loads(line) for line in (finished / "data/task/test.jsonl").read_text().splitlines()]
+    assert len(test) == SPLIT_QUERIES["test"] and all(set(q) == {"id", "text", "qrels"} for q in test)
+    assert len((finished / "data/task/corpus.jsonl").read_text().splitlines()) == 18
+    assert json.loads((finished / "metrics/ingest.json").read_text())["task_corpus_docs"] == 18
+
+
 def test_finetune_results_for_every_variant_and_seed(finished):
     for variant in VARIANTS:
         for seed in SEEDS:
             m = json.loads((finished / "results/finetune" / f"{variant}-{seed}" / "metrics.json").read_text())
-            assert m["variant"] == variant and m["seed"] == seed
-            assert m["labels"] == sorted(TASK) and 0 <= m["test_macro_f1"] <= 1
-            rows = (finished / "results/finetune" / f"{variant}-{seed}" / "predictions.jsonl").read_text().splitlines()
-            assert len(rows) == 150 - 114
+            assert m["variant"] == variant and m["seed"] == seed and m["task"] == "retrieval"
+            assert 0 <= m["test_ndcg_at_10"] <= 1 and 0 <= m["zero_shot_test_ndcg_at_10"] <= 1
+            assert m["test_recall_at_100"] == 1.0  # 18 documents: all of them are in every top 100
+            rows = [json.loads(line) for line in
+                    (finished / "results/finetune" / f"{variant}-{seed}" / "predictions.jsonl").read_text().splitlines()]
+            assert len(rows) == SPLIT_QUERIES["test"] and all(len(r["ranking"]) == 10 for r in rows)
+
+
+def test_tapt_runs_trained_on_the_task_text_from_their_starts(finished):
+    for name in TAPT:
+        m = json.loads((finished / "metrics" / f"pretrain_{name}.json").read_text())
+        assert m["tokens_seen"] == 20 * 8 * 64 and (finished / "models" / name / "config.json").exists()
+        # kept a model TAPT trained (its validation is the task's dev text), not the start it was given
+        assert m["best_step"] > 0, m
+    assert not (finished / "models" / "tapt_snapshots").exists()
+    lock = yaml.safe_load((finished / "dvc.lock").read_text())["stages"]
+    assert {d["path"] for d in lock["tapt@dapt_tapt"]["deps"]} >= {"models/domain", "data/task"}
+    assert {d["path"] for d in lock["tapt@tapt"]["deps"]} >= {"models/domain_novocab_init", "data/task"}
 
 
 def test_report_has_a_verdict_and_names_the_profile(finished):
     report = (finished / "reports/comparison.md").read_text()
     verdict, budget = report.split("\n\n")[1:3]
-    assert verdict.startswith("**") and "domain - general macro-F1" in verdict
+    assert verdict.startswith("**") and "domain - general nDCG@10" in verdict
     assert ("No significant difference" in verdict) or ("significantly" in verdict)
     # the profile's 20 DAPT steps and 1 fine-tuning epoch, not the recipe's, and the report says so
     assert budget.startswith("**Budget (profile tiny): far below the published recipe")
     headline = json.loads((finished / "metrics/headline.json").read_text())
     assert headline["profile"] == "tiny" and headline["far_below_recipe"] is True
+    assert {"ndcg_domain", "ndcg_general", "ndcg_diff", "ndcg_bm25", "ndcg_zero_shot_tapt"} <= set(headline)
+    assert "| BM25 (bm25s, whole documents, no training) |" in report
+    assert "| TAPT after DAPT | dapt_tapt - domain |" in report
     assert json.loads((finished / "metrics/pretrain_domain.json").read_text())["tokens_seen"] == 20 * 8 * 64
     assert json.loads((finished / "metrics/adapt_tokenizer.json").read_text())["new_tokens"] > 0

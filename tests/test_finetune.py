@@ -135,7 +135,8 @@ def test_stage_fine_tunes_a_pretraining_snapshot(project, tiny_bert):
 def test_task_type_from_the_records():
     assert task_type([{"text": "a", "label": "x"}]) == "sequence_classification"
     assert task_type([{"text": "a", "tokens": ["a"], "tags": ["O"]}]) == "token_classification"
-    with pytest.raises(ValueError, match="some records have 'tags' and some do not"):
+    assert task_type([{"text": "a query", "qrels": {"d1": 1}}]) == "retrieval"
+    with pytest.raises(ValueError, match="several task types"):
         task_type([{"text": "a", "label": "x"}, {"tokens": ["a"], "tags": ["O"]}])
 
 

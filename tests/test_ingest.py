@@ -178,3 +178,35 @@ def test_a_dataset_dict_without_a_split_names_the_key(project, tiny_bert, tmp_pa
     with pytest.raises(ValueError, match=r"ingest.files.domain: .*dd is a DatasetDict; name a split.*\['train'\]"):
         run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
     assert not project.raw_domain.exists()
+
+
+def test_retrieval_needs_a_beir_folder_and_no_split_files(tmp_path):
+    with pytest.raises(ValidationError, match="task_type retrieval needs ingest.files.beir"):
+        IngestParams(source="files", base_model="x", demo=DEMO,
+                     files=FilesParams(domain=tmp_path, task_type="retrieval"))
+    with pytest.raises(ValidationError, match="ingest.files.train: not read with task_type retrieval"):
+        IngestParams(source="files", base_model="x", demo=DEMO,
+                     files=FilesParams(domain=tmp_path, beir=tmp_path, train=tmp_path, task_type="retrieval"))
+    with pytest.raises(ValidationError, match="ingest.files.beir: not read with task_type sequence_classification"):
+        IngestParams(source="files", base_model="x", demo=DEMO,
+                     files=FilesParams(domain=tmp_path, beir=tmp_path, train=tmp_path, dev=tmp_path, test=tmp_path))
+
+
+def test_files_source_retrieval_from_a_beir_folder(project, tiny_bert, tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    write_jsonl(beir / "corpus.jsonl", [{"_id": f"d{i}", "title": f"T{i}", "text": f"doc {i}"} for i in range(4)])
+    write_jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": f"query {i}"} for i in range(6)])
+    for split, ids in (("train", [0, 1, 2]), ("dev", [3]), ("test", [4, 5])):
+        (beir / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i % 4}\t1\n" for i in ids))
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a domain document"}])
+    files = FilesParams(domain=tmp_path / "d.jsonl", general=tmp_path / "d.jsonl", beir=beir, task_type="retrieval")
+    run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
+
+    test = [json.loads(line) for line in (project.task / "test.jsonl").read_text().splitlines()]
+    assert test == [{"id": "q4", "text": "query 4", "qrels": {"d0": 1}}, {"id": "q5", "text": "query 5", "qrels": {"d1": 1}}]
+    corpus = [json.loads(line) for line in (project.task / "corpus.jsonl").read_text().splitlines()]
+    assert corpus[0] == {"id": "d0", "title": "T0", "text": "doc 0"} and len(corpus) == 4
+    metrics = json.loads((project.metrics / "ingest.json").read_text())
+    assert metrics["task_corpus_docs"] == 4 and metrics["task_train"] == 3 and "task_labels" not in metrics

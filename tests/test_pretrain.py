@@ -19,7 +19,7 @@ from stages import blocks, mlm, pretrain
 from stages.mlm import compile_regions, encoder_layers, mlm_head
 from stages.mlm import pack
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, run
-from stages.common import write_json
+from stages.common import ParamsError, validate_section, write_json
 from tests.conftest import CORPUS, write_jsonl, write_parquet_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -513,3 +513,91 @@ def test_two_processes_with_torchrun(project, tiny_bert, tmp_path, bf16_weights)
     assert metrics["steps"] == P.max_steps
     assert metrics["tokens_seen"] == P.max_steps * P.batch_size * P.max_seq_length * 2  # both processes trained
     assert AutoModelForMaskedLM.from_pretrained(project.model_dir("domain"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# TAPT: the same recipe on the task's own text, from the model `pretrain.tapt` names
+
+TAPT = {"tapt": "domain_novocab_init", "dapt_tapt": "domain"}
+TASK_TEXTS = CORPUS[:3] * 5  # not the domain corpus (CORPUS * 3): a different number of blocks
+
+
+def test_tapt_starts_are_validated(project):
+    p = PretrainParams.model_validate({**P.model_dump(), "variants": ["domain", "domain_novocab"], "tapt": TAPT})
+    assert p.tapt == TAPT
+    # tapt is TAPT alone (from an _init model), dapt_tapt TAPT after DAPT (from a pretrained variant): the report's
+    # rows say so
+    with pytest.raises(ValueError, match=r"pretrain\.tapt\.tapt: 'domain' is no model it can start from; one of "
+                                         r"domain_novocab_init, domain_init \(an _init model"):
+        PretrainParams.model_validate({**p.model_dump(), "tapt": {"tapt": "domain"}})
+    with pytest.raises(ValueError, match=r"pretrain\.tapt\.dapt_tapt: 'domain_novocab_init'.*one of domain, "
+                                         r"domain_novocab \(a model pretrain.variants trains"):
+        PretrainParams.model_validate({**p.model_dump(), "tapt": {"dapt_tapt": "domain_novocab_init"}})
+    with pytest.raises(ValueError, match=r"pretrain\.tapt\.dapt_tapt: 'domain_novocab'.*one of domain \("):
+        PretrainParams.model_validate({**P.model_dump(), "variants": ["domain"], "tapt": {"dapt_tapt": "domain_novocab"}})
+    assert PretrainParams.model_validate({**P.model_dump(), "variants": ["domain"],
+                                          "tapt": {"tapt": "domain_novocab_init"}}).tapt == {"tapt": "domain_novocab_init"}
+    with pytest.raises(ParamsError, match=r"pretrain\.tapt\.domain\.\[key\]: Input should be 'tapt' or 'dapt_tapt'"):
+        validate_section({"pretrain": {**P.model_dump(), "tapt": {"domain": "domain_init"}}}, "pretrain",
+                         PretrainParams)  # only the two TAPT runs
+    with pytest.raises(ValueError, match=r"pretrain\.tapt: no start for 'dapt_tapt' \(configured: tapt\)"):
+        pretrain.start_dir(P.model_copy(update={"tapt": {"tapt": "domain_init"}}), project, "dapt_tapt")
+    with pytest.raises(FileNotFoundError, match=r"models/domain: not found \(pretrain.tapt.dapt_tapt starts from it"):
+        pretrain.start_dir(p, project, "dapt_tapt")
+    # a new TAPT entry leaves the DAPT runs' checkpoints resumable
+    assert pretrain.run_fingerprint(P, [], 1) == pretrain.run_fingerprint(p.model_copy(update={"variants": ["domain"]}),
+                                                                         [], 1)
+
+
+def prepare_tapt(root: Path, project, model_dir: Path, start: str, corpus: list[str] | None = None) -> None:
+    """`prepare`'s domain data, the start model also at `models/<start>`, and a task (its records have no `id`)."""
+    prepare(root, project, model_dir)
+    torch.manual_seed(0)
+    AutoModelForMaskedLM.from_pretrained(model_dir).save_pretrained(root / project.model_dir(start))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(root / project.model_dir(start))
+    write_jsonl(root / project.task / "train.jsonl", [{"text": t, "label": "Permissive"} for t in TASK_TEXTS])
+    write_jsonl(root / project.task / "dev.jsonl", [{"text": t, "label": "Permissive"} for t in CORPUS[3:5]])
+    write_jsonl(root / project.task / "test.jsonl", [{"text": "never trained on", "label": "Permissive"}])
+    if corpus is not None:  # a retrieval task's collection, BEIR's field names
+        write_jsonl(root / project.task / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": t}
+                                                           for i, t in enumerate(corpus)])
+
+
+def test_tapt_trains_on_the_task_text_only(project, tiny_bert):
+    import mlflow
+
+    prepare_tapt(Path("."), project, tiny_bert, "domain_novocab_init")
+    p = P.model_copy(update={"variants": ["domain", "domain_novocab"], "tapt": TAPT, "snapshots": [0, 50]})
+    run(p, project, "tapt")
+    m = json.loads((project.metrics / "pretrain_tapt.json").read_text())
+    tok = AutoTokenizer.from_pretrained(project.model_dir("domain_novocab_init"))
+    assert m["train_blocks"] == len(pack(tok, TASK_TEXTS, P.max_seq_length)) != \
+        len(pack(tok, CORPUS * 3, P.max_seq_length))
+    assert m["steps"] == P.max_steps and m["tokens_seen"] == P.max_steps * P.batch_size * P.max_seq_length
+    manifests = [json.loads(f.read_text()) for f in (project.checkpoints / "tapt" / "tokens").glob("*/tokens.json")]
+    # never domain_train; validated on the task's dev text (TAPT's own distribution) and general text
+    assert sorted(x["source"] for x in manifests) == sorted(
+        map(str, [project.task / "train.jsonl", project.task / "dev.jsonl", project.general_valid]))
+    assert AutoModelForMaskedLM.from_pretrained(project.model_dir("tapt")) and \
+        AutoTokenizer.from_pretrained(project.model_dir("tapt"))
+    assert (project.metrics / "pretrain_tapt_run.json").exists() and \
+        (project.metrics / "pretrain_tapt_curve.csv").read_text().startswith("step,domain_loss,")
+    assert not (project.models / "tapt_snapshots").exists()  # the adaptation curve is domain's alone
+    [run_] = mlflow.search_runs(experiment_names=["dapt"], output_format="list", filter_string="tags.stage = 'pretrain'")
+    assert run_.info.run_name == "pretrain-tapt" and run_.data.tags["variant"] == "tapt"
+
+
+def test_tapt_of_a_retrieval_task_reads_its_collection_too(project, tiny_bert, monkeypatch):
+    collection = list(reversed(CORPUS))
+    prepare_tapt(Path("."), project, tiny_bert, "domain", corpus=collection)
+    logged = []
+    monkeypatch.setattr(pretrain.registry, "log_stage_model", lambda *a, inputs, **k: logged.append(inputs))
+    p = P.model_copy(update={"tapt": {"dapt_tapt": "domain"}, "head_warmup_steps": 0, "max_steps": 3})
+    run(p, project, "dapt_tapt")
+    m = json.loads((project.metrics / "pretrain_dapt_tapt.json").read_text())
+    tok = AutoTokenizer.from_pretrained(project.model_dir("domain"))
+    # one stream: the train set's text, then the collection's
+    assert m["train_blocks"] == len(pack(tok, TASK_TEXTS + collection, P.max_seq_length))
+    assert logged == [[project.model_dir("domain"), project.task, project.task / "train.jsonl",
+                       project.task / "corpus.jsonl", project.task / "dev.jsonl", project.general_valid]]
+    assert project.model_dir("dapt_tapt").is_dir() and not (project.models / "dapt_tapt_snapshots").exists()

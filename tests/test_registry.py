@@ -160,3 +160,10 @@ def test_registration_failure_names_the_logged_model_and_the_fix(store, monkeypa
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("dapt").experiment_id):
         with pytest.raises(RuntimeError, match=r"could not register it as 'dapt-encoder'.*null to log only"):
             registry.log_variant(store["folders"]["general"], "general", NAME, {})
+
+
+def test_favoured_reads_a_retrieval_verdict_by_its_ndcg_keys():
+    ndcg = {"verdict": "better", "ndcg_diff": 0.04, "ndcg_diff_ci_low": 0.01, "ndcg_diff_ci_high": 0.07,
+            "p_value": 0.01, "ndcg_domain": 0.6, "ndcg_general": 0.56}
+    assert registry.favoured(ndcg) == "domain"
+    assert registry.favoured({**ndcg, "ndcg_diff_ci_low": -0.01}) == "general"
