@@ -340,7 +340,9 @@ def headline(summary: dict, diff: dict, references: dict[str, dict], budget_fact
            if "dapt_tokens_seen" in budget_facts else {}),
         "far_below_recipe": budget_facts["far_below"],
         **({"profile": budget_facts["profile"]} if budget_facts["profile"] is not None else {}),
-        **({"truncated_test": budget_facts["truncated_test"]} if budget_facts["truncated_test"] is not None else {}),
+        # the budget's truncated share: of test texts, or for retrieval of the corpus's documents
+        **({"truncated_corpus" if budget_facts.get("truncated_unit") == "corpus documents" else "truncated_test":
+            budget_facts["truncated_test"]} if budget_facts["truncated_test"] is not None else {}),
         **({"general_loss_ratio": after["loss"] / probe[0]["loss"]} if after else {}),
     }
 

@@ -220,7 +220,8 @@ def truncation_line(truncated: dict[str, dict], max_len: int, references: bool, 
     else:
         which = ", ".join(f"{v} {s:.0%}" for v, s in shares.items()) + ": each variant's own tokenizer"
     docs = truncated["general"].get("corpus")
-    line = (f"The transformers read the first {max_len} tokens of each {unit[:-1]}"
+    one = {"queries": "query", "sentences": "sentence"}.get(unit, "text")
+    line = (f"The transformers read the first {max_len} tokens of each {one}"
             + (" and document" if docs is not None else "") + " (special tokens included) and "
             f"nothing after: {shares['general']:.0%} of test {unit}"
             + (f" and {docs:.0%} of the corpus's documents" if docs is not None else "") + f" were longer ({which}).")
