@@ -34,6 +34,7 @@ import csv
 import json
 import statistics
 from dataclasses import asdict, dataclass
+from typing import get_args
 
 import mlflow
 import numpy as np
@@ -49,14 +50,14 @@ from stages import registry, report, retrieval, tracking
 from stages.common import Paths, Section, active_profile, atomic_path, load_params, load_paths, log, read_jsonl, \
     setup_stage, write_json, write_text
 from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_info_path, run_name, scores
-from stages.pretrain import PretrainParams
+from stages.pretrain import PretrainParams, TaptVariant
 from stages.report import SCORING, Scoring
 from stages.tasks import load_tokenizer, truncated
 
 METRICS = report.METRICS
 Counts = tuple[np.ndarray, ...]  # per example (x class): true positives, true, predicted; or a retrieval score
 # what each added pretraining contributes, when TAPT variants ran: (what is added, a, b), a - b
-TAPT_VARIANTS = ("tapt", "dapt_tapt")
+TAPT_VARIANTS = get_args(TaptVariant)
 CONTRIBUTIONS = (("DAPT (domain corpus)", "domain", "general"), ("TAPT (task text)", "tapt", "general"),
                  ("TAPT after DAPT", "dapt_tapt", "domain"), ("DAPT before TAPT", "dapt_tapt", "tapt"),
                  ("DAPT + TAPT", "dapt_tapt", "general"))
@@ -229,7 +230,7 @@ def slope_verdict(before: str, after: str, d: dict, alpha: float = 0.05, word: s
 def bm25_reference(test: list[dict], corpus: list[dict]) -> dict[str, float]:
     """BM25's mean test scores (bm25s over whole documents, no training): the bar for retrieval, as TF-IDF + LR is
     for classification."""
-    per_query = retrieval.evaluate({q["id"]: q["qrels"] for q in test}, retrieval.bm25_run(corpus, test))
+    per_query = retrieval.evaluate(retrieval.qrels_of(test), retrieval.bm25_run(corpus, test))
     return {f"test_{k}": v for k, v in retrieval.mean_scores(per_query).items()}
 
 

@@ -153,10 +153,11 @@ def run(p: FinetuneParams, paths: Paths, variant: str, seed: int, at: int | None
         set_seed(seed)
 
         # task: classification of texts or words (the Trainer), or retrieval (a sentence-transformers bi-encoder)
-        kind = task_type(read_jsonl(paths.task / "train.jsonl"))
+        train = read_jsonl(paths.task / "train.jsonl")
+        kind = task_type(train)
         with tempfile.TemporaryDirectory(prefix="finetune-") as scratch:
             if kind == "retrieval":
-                splits = {s: read_jsonl(paths.task / f"{s}.jsonl") for s in SPLITS}
+                splits = {"train": train, **{s: read_jsonl(paths.task / f"{s}.jsonl") for s in ("dev", "test")}}
                 metrics, rows = retrieval.fit_and_score(model_dir, splits, read_jsonl(paths.task / "corpus.jsonl"), t,
                                                         seed, Path(scratch), callbacks=[tracking.MLflowLogger()])
             else:

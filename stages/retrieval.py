@@ -34,6 +34,7 @@ from sentence_transformers.util import semantic_search
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback, set_seed
 
 from stages.common import log
+from stages.tasks import truncated
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}, the shape trec_eval and ir-measures read
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: graded relevance}
@@ -148,8 +149,8 @@ def truncated_share(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_le
     i.e. of which the model reads only the start."""
     if not texts:
         return 0.0
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
-    return round(sum(n > max_len for n in lengths) / len(texts), 4)
+    cut = truncated(tokenizer(texts, truncation=True, max_length=max_len), max_len)  # as classification counts it
+    return round(sum(cut) / len(texts), 4)
 
 
 def training_pairs(queries: list[dict], docs: dict[str, str]) -> Dataset:
