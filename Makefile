@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # DVC runs each stage's `python -m stages.<name>` through the shell: the venv must come first on PATH
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install browser run run-gpu run-retrieval run-tapt test smoke flow serve mlflow-ui clean-venv
+.PHONY: install browser run run-gpu run-retrieval run-tapt lint test smoke flow serve mlflow-ui clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-run: install  ## the whole pipeline on the configured data and budget profile (the demo: cpu-demo, ~20 min)
-	@python -c "from stages.common import active_profile as p; print('budget profile:', p() or 'none (the recipe)')"
+run: install  ## the whole pipeline on the configured data and budget profile (the demo: cpu-demo, 19 min on 2 CPU cores)
+	@python -c "from dapt.common import active_profile as p; print('budget profile:', p() or 'none (the recipe)')"
 	dvc repro
 	@echo
 	@echo "Report: $(CURDIR)/reports/comparison.html (offline, figures inline; markdown: reports/comparison.md)"
@@ -58,7 +58,11 @@ browser:
 	       && { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } \
 	  || echo "no Chromium (install chromium): the HTML report test will be skipped"
 
-test: install browser  ## unit, stage and end-to-end tests
+lint: install  ## ruff's rules and the import contracts (pyproject.toml: [tool.ruff.lint], [tool.importlinter])
+	ruff check .
+	lint-imports
+
+test: lint browser  ## the linters, then unit, stage and end-to-end tests
 	python -m pytest
 
 smoke: install  ## the whole DAG on a tiny random BERT and small data, in a temporary copy

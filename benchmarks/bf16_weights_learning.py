@@ -3,18 +3,19 @@
 The same model (same initial weights) is trained twice through the Transformers `Trainer` on the same blocks with
 the same masks, set up as `stages.pretrain` sets up its DAPT phase: once as the stage trains by default (fp32
 weights, bf16 autocast on a GPU), once with `bf16_weights` (weights and activations in bf16, AdamW on fp32 master
-copies: `stages.mlm.MasterWeightAdamW`). Every `--eval-every` steps both are scored on the same fixed validation
-batches (held-out blocks of the same corpus), with the master weights in the model (`stages.mlm.full_precision`),
-as the stage scores them. Dropout and rounding make the two runs drift apart a little; a broken update (masters
-not updated, gradients lost, the schedule not applied) shows as curves that part or a loss that does not fall.
+copies: `dapt.pretraining.mlm.MasterWeightAdamW`). Every `--eval-every` steps both are scored on the same fixed
+validation batches (held-out blocks of the same corpus), with the master weights in the model
+(`dapt.pretraining.mlm.full_precision`), as the stage scores them. Dropout and rounding make the two runs drift
+apart a little; a broken update (masters not updated, gradients lost, the schedule not applied) shows as curves that
+part or a loss that does not fall.
 
 The benchmark (`mlm_throughput.py`, recipe `ours_bf16`) measures what the variant gains in speed; this measures
 whether it still learns the same, over more steps than the benchmark's 60. Model and data as there: on a GPU a
 BERT-base configuration with random weights (its vocabulary padded to a multiple of 64), on the CPU the demo base
 model (`models/general`) with a new MLM head; `--model` overrides either. Data: `data/clean/domain_train`
 (`benchmarks/corpus.py`).
-Only torch and transformers are imported besides `stages/mlm.py`, so it runs on a bare GPU image; carry the data
-file and the tokenizer files of `models/general`. Run: `python benchmarks/bf16_weights_learning.py`; the last line
+Only torch and transformers are imported besides `dapt/pretraining/mlm.py`, so it runs on a bare GPU image; carry the
+data file and the tokenizer files of `models/general`. Run: `python benchmarks/bf16_weights_learning.py`; the last line
 is JSON (`max_rel_diff`: the largest relative difference of the two validation losses after the first
 evaluation).
 """
@@ -28,15 +29,24 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import corpus
 import torch
 import yaml
+from mlm_throughput import ROOT, build_model  # this folder: the benchmark's model and the project root on sys.path
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
-import corpus  # noqa: E402  (this folder)
-from mlm_throughput import ROOT, build_model  # this folder: the benchmark's model and the project root on sys.path
-
-from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, \
-    fixed_eval_batches, full_precision, master_weights, training_args  # noqa: E402
+from dapt.pretraining.mlm import (
+    Blocks,
+    EpochSetter,
+    MaskingCollator,
+    SparseMLM,
+    compile_regions,
+    evaluate,
+    fixed_eval_batches,
+    full_precision,
+    master_weights,
+    training_args,
+)
 
 
 class Scores(TrainerCallback):

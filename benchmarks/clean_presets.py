@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dapt.cleaning.filters import PRESETS  # noqa: E402
+from dapt.common import load_params  # noqa: E402
 from stages.clean import CleanParams, corpus_size, drops, filter_and_dedup, gather_samples  # noqa: E402
-from stages.common import load_params  # noqa: E402
-from stages.filters import PRESETS  # noqa: E402
 
 
 def preset_drops(p: CleanParams, source: Path, samples: Path) -> dict:

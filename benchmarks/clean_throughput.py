@@ -29,8 +29,8 @@ def child(source: str, out: str) -> None:
     import os
 
     os.chdir(ROOT)
+    from dapt.common import load_params, load_paths
     from stages.clean import CleanParams, filter_and_dedup, task_texts
-    from stages.common import load_params, load_paths
 
     paths = load_paths()
     p = load_params("clean", CleanParams)
@@ -79,9 +79,9 @@ def measure(source: Path) -> dict:
 
 
 def main() -> None:
-    from stages.common import load_paths
-
     import os
+
+    from dapt.common import load_paths
 
     os.chdir(ROOT)
     source = load_paths().raw_domain

@@ -1,7 +1,7 @@
 """The demo's cleaned domain corpus (`paths.domain_train`, `dvc repro clean`) for the training benchmarks.
 
-Blocks come from the stage's token cache (`stages.blocks`, 🤗 datasets) where `datasets` is installed; on a bare
-GPU image (torch and transformers only) they are packed in memory by `mlm.pack`, which gives the same blocks.
+Blocks come from the stage's token cache (`dapt.pretraining.blocks`, 🤗 datasets) where `datasets` is installed; on a
+bare GPU image (torch and transformers only) they are packed in memory by `mlm.pack`, which gives the same blocks.
 Reads Parquet shards (pyarrow) or a JSONL file, whichever `paths.domain_train` holds.
 """
 
@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.mlm import pack  # noqa: E402
+from dapt.pretraining.mlm import pack  # noqa: E402
 
 
 def source() -> Path:
@@ -46,7 +46,7 @@ def texts(limit: int | None = None) -> list[str]:
 def blocks(tok, seq: int, n: int | None = None) -> torch.Tensor:
     """The corpus's first `n` blocks of `seq` tokens (all with None)."""
     try:
-        from stages.blocks import token_blocks
+        from dapt.pretraining.blocks import token_blocks
     except ImportError:  # no datasets here: the same blocks, packed in memory
         return pack(tok, texts(None if n is None else 4 * n), seq)[:n]
     with tempfile.TemporaryDirectory(prefix="bench-tokens-") as cache:

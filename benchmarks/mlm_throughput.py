@@ -1,13 +1,13 @@
 """MLM training throughput: this project's step against the stock Transformers recipe, same model and data.
 
 Training steps (forward, backward, AdamW), each timed in this one process on the same packed blocks:
-- `ours`: `stages.pretrain`'s step (`stages/mlm.py`): `MaskingCollator`, the MLM head at masked positions
+- `ours`: `stages.pretrain`'s step (`dapt/pretraining/mlm.py`): `MaskingCollator`, the MLM head at masked positions
   only (`SparseMLM`, which gathers them at indices found on the CPU), SDPA attention; on a GPU also bf16
   autocast, TF32, fused AdamW, pinned batches and, as `pretrain.torch_compile` does, each encoder layer, the
-  embeddings and the head with its loss compiled on their own (`stages.mlm.compile_regions`). On a GPU variants
-  of it are timed too: `ours_bf16` (`pretrain.bf16_weights`: weights and activations in bf16 without autocast,
-  AdamW on fp32 master copies of the weights, `stages.mlm.MasterWeightAdamW`), `ours_layers` (only the encoder
-  layers compiled, `stages.mlm.compile_layers`),
+  embeddings and the head with its loss compiled on their own (`dapt.pretraining.mlm.compile_regions`). On a GPU
+  variants of it are timed too: `ours_bf16` (`pretrain.bf16_weights`: weights and activations in bf16 without autocast,
+  AdamW on fp32 master copies of the weights, `dapt.pretraining.mlm.MasterWeightAdamW`), `ours_layers` (only the encoder
+  layers compiled, `dapt.pretraining.mlm.compile_layers`),
   `ours_eager` (not compiled) and `ours_whole` (the whole model compiled, as `Trainer(torch_compile=True)` does);
 - `stock`: `run_mlm.py`'s default: `DataCollatorForLanguageModeling` + `AutoModelForMaskedLM` computing
   full-vocabulary logits on packed blocks (same precision and attention as ours);
@@ -24,9 +24,9 @@ dropout draws and bf16 rounding (`compiled_vs_eager_loss_diff`, a few 1e-3; a bu
 Model: on CPU the demo base model (`models/general`: BERT, 6 layers) with a new MLM head; on a GPU a
 BERT-base configuration with random weights (`--model` overrides either). Tokenizer: `--tokenizer`, default
 `models/general`. Data: the blocks of `data/clean/domain_train` (`dvc repro clean` makes both), read from the
-stage's token cache (`stages.blocks`, 🤗 datasets). Without `datasets` only torch, transformers and pyarrow are
-imported besides `stages/mlm.py` (`benchmarks/corpus.py` packs the same blocks in memory), so the script runs on
-a bare GPU image: carry the data folder and a copy of the tokenizer files (`tokenizer.json`,
+stage's token cache (`dapt.pretraining.blocks`, 🤗 datasets). Without `datasets` only torch, transformers and pyarrow
+are imported besides `dapt/pretraining/mlm.py` (`benchmarks/corpus.py` packs the same blocks in memory), so the script
+runs on a bare GPU image: carry the data folder and a copy of the tokenizer files (`tokenizer.json`,
 `tokenizer_config.json`). Run:
 `python benchmarks/mlm_throughput.py`; the last line is JSON.
 """
@@ -45,11 +45,16 @@ from torch._dynamo.utils import counters
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, \
-    DataCollatorForLanguageModeling  # noqa: E402
-
 import corpus  # noqa: E402
-from stages.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+)
+
+from dapt.pretraining.mlm import MaskingCollator, MasterWeightAdamW, SparseMLM, compile_layers, compile_regions  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -145,7 +150,8 @@ def loss_difference(model: torch.nn.Module, batch: dict, device: torch.device, c
     """|sparse loss - full-vocabulary loss| on one batch: the sparse head must change speed, not the loss."""
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.float()
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss.float()
         sparse = SparseMLM(model)(**batch)["loss"]
     return abs(float(full) - float(sparse))
 
@@ -187,14 +193,17 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model or ROOT / "models" / "general")
     n = (warmup + steps) * batch
-    blocks = corpus.blocks(tok, args.seq, n)  # read from the stage's token cache (stages.blocks)
+    blocks = corpus.blocks(tok, args.seq, n)  # read from the stage's token cache (dapt.pretraining.blocks)
     if len(blocks) < n:
         blocks = blocks.repeat((n + len(blocks) - 1) // len(blocks), 1)
     rows = [{"input_ids": b} for b in blocks[:n]]
 
     ours_collate = MaskingCollator(tok, 0.15, 0.8, 0.1)
     stock_collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
-    chunks = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]
+
+    def chunks(xs: list) -> list:
+        return [xs[i:i + batch] for i in range(0, n, batch)]
+
     results, flops, losses = {}, None, {}
     torch.manual_seed(0)
     model = build_model(args.model, cuda, len(tok), args.pad_vocab).to(device).eval()
@@ -203,7 +212,8 @@ def main() -> None:
     print(f"sparse vs full-vocabulary loss on one batch: |difference| = {diff:.2e}")
     del model
     pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if cuda else (lambda b: b)
-    data = {"ours": [pin(ours_collate(c)) for c in chunks(rows)], "stock": [pin(stock_collate(c)) for c in chunks(rows)]}
+    data = {"ours": [pin(ours_collate(c)) for c in chunks(rows)],
+            "stock": [pin(stock_collate(c)) for c in chunks(rows)]}
     if "line_by_line" in wanted:
         lines = [tok(t, truncation=True, max_length=args.seq)["input_ids"] for t in corpus.texts(n)]
         lines = (lines * (n // len(lines) + 1))[:n]  # a small corpus is repeated, as its blocks are
@@ -234,7 +244,10 @@ def main() -> None:
     if mfu:
         print("MFU: " + ", ".join(f"{k} {v:.1%}" for k, v in mfu.items()))
     print(", ".join(f"ours / {k}: {results['ours'] / v:.2f}x" for k, v in results.items() if k != "ours"))
-    get = lambda d, k, digits=0: round(d[k], digits or None) if d and k in d else None
+
+    def get(d: dict | None, k: str, digits: int = 0) -> float | None:
+        return round(d[k], digits or None) if d and k in d else None
+
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "tokens_per_s": round(results["ours"]),

@@ -1,4 +1,4 @@
-"""Preparing pretraining blocks: the 🤗 datasets path (`stages.blocks`) against the in-memory one it replaced.
+"""Preparing pretraining blocks: the 🤗 datasets path (`dapt.pretraining.blocks`) against the in-memory one it replaced.
 
 Both prepare the blocks of the demo's cleaned domain corpus (`paths.domain_train`, `dvc repro clean`), copied 1x
 and 10x, with the demo's base tokenizer (`models/general`), each run in a fresh process:
@@ -8,8 +8,9 @@ and 10x, with the demo's base tokenizer (`models/general`), each run in a fresh 
 Peak memory is the peak of the anonymous memory of the run's process tree (`Pss_Anon`: shared pages counted once,
 map's worker processes included, the page cache of mapped files not), sampled every 20 ms, above its level once
 the libraries are imported and warmed up on the corpus's first 200 documents (lazy imports, the tokenizer's
-thread pool: a fixed cost of about 200 MB for the new path, which the README states). Time is from the corpus on disk to blocks ready to train on. The new path's blocks are checked equal
-to the baseline's (every one at 1x; a sample at 10x), and reading them all back is timed (`read_blocks_per_s`).
+thread pool: a fixed cost of about 200 MB for the new path, which the README states). Time is from the corpus on
+disk to blocks ready to train on. The new path's blocks are checked equal to the baseline's (every one at 1x; a
+sample at 10x), and reading them all back is timed (`read_blocks_per_s`).
 
 The new path runs twice: with `--num-proc` map processes (default: every core, as the stage does) and with one
 (the tokenizer's own threads only). `tokens_per_s` is measured on the 10x corpus, where start-up costs (the
@@ -81,9 +82,9 @@ def child(kind: str, source: str, cache: str, tokenizer: str, block: int, num_pr
     import torch
     from transformers import AutoTokenizer
 
-    from stages import mlm
-    from stages.blocks import token_blocks
-    from stages.common import read_jsonl
+    from dapt.common import read_jsonl
+    from dapt.pretraining import mlm
+    from dapt.pretraining.blocks import token_blocks
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     result: dict = {}
@@ -124,9 +125,9 @@ def warm(kind: str, tok, source: Path, folder: Path, block: int, num_proc: int) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import mlm
-    from stages.blocks import token_blocks
-    from stages.common import iter_texts
+    from dapt.common import iter_texts
+    from dapt.pretraining import mlm
+    from dapt.pretraining.blocks import token_blocks
 
     texts = next(iter_texts(source, batch_size=200))
     folder.mkdir(parents=True)
@@ -140,7 +141,7 @@ def warm(kind: str, tok, source: Path, folder: Path, block: int, num_proc: int) 
 
 def write_copies(source: Path, folder: Path, times: int, shard_docs: int) -> tuple[Path, Path]:
     """The corpus `times` over as Parquet shards (what clean writes) and as one JSONL file (what it wrote before)."""
-    from stages.common import iter_texts, write_jsonl, write_text_shards
+    from dapt.common import iter_texts, write_jsonl, write_text_shards
 
     shards, jsonl = folder / "shards", folder / "corpus.jsonl"
     texts = [t for batch in iter_texts(source) for t in batch]
@@ -191,8 +192,9 @@ def main() -> None:
                         shutil.rmtree(folder)
             shutil.rmtree(cache)
             new, base = r["new"], r["baseline"]
-            print(f"{times}x: {new['tokens']:,} tokens, {new['blocks']:,} blocks; JSONL {r['jsonl_mb']:.1f} MB, Parquet "
-                  f"{r['parquet_mb']:.1f} MB, token cache {r['cache_mb']:.1f} MB | baseline {base['seconds']:.1f} s "
+            print(f"{times}x: {new['tokens']:,} tokens, {new['blocks']:,} blocks; JSONL {r['jsonl_mb']:.1f} MB, "
+                  f"Parquet {r['parquet_mb']:.1f} MB, token cache {r['cache_mb']:.1f} MB | "
+                  f"baseline {base['seconds']:.1f} s "
                   f"(+{base['peak_rss_mb']:.0f} MB) | " + " | ".join(
                       f"{name} ({num_proc} proc) {r[name]['seconds']:.1f} s (+{r[name]['peak_rss_mb']:.0f} MB, read "
                       f"back {r[name]['read_blocks_per_s']:,.0f} blocks/s, equal: {r[name].get('equal_to_baseline')})"

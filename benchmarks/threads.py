@@ -66,7 +66,7 @@ def main() -> None:
         "mlm_16x128": step_fn(mlm, {"input_ids": blocks, "labels": labels}),
     }
     load_before = load_avg()
-    for name, step in steps.items():  # warm-up: first-call allocations
+    for step in steps.values():  # warm-up: first-call allocations
         for n in args.threads:
             torch.set_num_threads(n)
             step()

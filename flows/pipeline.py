@@ -42,8 +42,8 @@ from prefect.runtime import flow_run
 from prefect.schedules import Cron
 from pydantic import Field
 
-from stages import tracking
-from stages.common import Section, read_params_file, validate_section
+from dapt import tracking
+from dapt.common import Section, read_params_file, validate_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENT_ENV = tracking.PARENT_ENV  # every stage's MLflow run becomes a child of the flow's

@@ -35,9 +35,21 @@ from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
-from stages import tracking
-from stages.common import Paths, Section, atomic_path, iter_texts, load_params, load_paths, log, read_jsonl, \
-    setup_stage, text_shards, write_json, write_text
+from dapt import tracking
+from dapt.common import (
+    Paths,
+    Section,
+    atomic_path,
+    iter_texts,
+    load_params,
+    load_paths,
+    log,
+    read_jsonl,
+    setup_stage,
+    text_shards,
+    write_json,
+    write_text,
+)
 
 
 class AdaptTokenizerParams(Section):

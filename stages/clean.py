@@ -1,7 +1,7 @@
 """clean: normalise, filter, deduplicate (exact and near) and decontaminate the domain text; split train/valid.
 
-The blocks are datatrove pipeline steps (`stages.filters`), listed in order under `clean.steps` in params.yaml;
-each can be switched off. `clean.preset` (web, scientific, legal: `stages.filters.PRESETS`) supplies the quality
+The blocks are datatrove pipeline steps (`dapt.cleaning.filters`), listed in order under `clean.steps` in params.yaml;
+each can be switched off. `clean.preset` (web, scientific, legal: `dapt.cleaning.filters.PRESETS`) supplies the quality
 steps' thresholds for that kind of text; a key written under `clean.steps.<step>` overrides the preset's. The
 corpus streams through them shard by shard on datatrove's executors, the way FineWeb was built:
 
@@ -12,7 +12,7 @@ corpus streams through them shard by shard on datatrove's executors, the way Fin
 
 The training text (domain, and general for replay) is written as a folder of zstd Parquet shards,
 `part-00000.parquet`, ... of `shard_docs` documents each, with columns `id` and `text`: what 🤗 `datasets`
-reads in parallel (`stages.common.iter_texts` streams it too). The validation sets stay small JSONL files.
+reads in parallel (`dapt.common.iter_texts` streams it too). The validation sets stay small JSONL files.
 
 A phase that fails raises a `CleanStepError` naming the phase and the corpus it was cleaning (domain or general,
 and its input path): the intermediate files it names are gone by then.
@@ -42,11 +42,29 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages import tracking
-from stages.common import Paths, Section, TextShardWriter, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_stage, write_json
-from stages.filters import PRESETS, Decontaminate, build_steps, check_steps, fingerprint, named, plain_row, \
-    preset_steps
+from dapt import tracking
+from dapt.cleaning.filters import (
+    PRESETS,
+    Decontaminate,
+    build_steps,
+    check_steps,
+    fingerprint,
+    named,
+    plain_row,
+    preset_steps,
+)
+from dapt.common import (
+    Paths,
+    Section,
+    TextShardWriter,
+    atomic_path,
+    load_params,
+    load_paths,
+    log,
+    read_jsonl,
+    setup_stage,
+    write_json,
+)
 
 
 class NearDedupParams(Section):
@@ -195,16 +213,19 @@ def filter_and_dedup(p: CleanParams, corpus: str, source: Path, work: Path, samp
                      dedup: bool, skip: tuple[str, ...] = ()) -> tuple[Path, dict, dict[str, float]]:
     """Runs the steps and the dedup phases on `source` (the `corpus`: domain or general); returns the folder of
     survivors, the stats and the seconds each phase took."""
-    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, \
-        MinhashDedupFilter
-    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, \
-        ExactFindDedups
+    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
     from datatrove.utils.text import TextNormConfig
 
-    from stages.filters import DropSampleWriter, FastMinhashSignature
+    from dapt.cleaning.filters import DropSampleWriter, FastMinhashSignature
 
     folder, glob = shards(source)
     n_files = len(list(Path(folder).glob(glob)))
@@ -412,8 +433,9 @@ def report(metrics: dict, pairs: list[dict], sample_files: dict[str, Path], pres
              f"Domain: {d['input_docs']:,} documents in ({d['input_mb']:.1f} MB), {d['kept']:,} kept "
              f"({metrics['domain_train_docs']:,} train, {metrics['domain_valid_docs']:,} validation). "
              f"General: {metrics['general']['input_docs']:,} in, {metrics['general_valid_docs']:,} used.", "",
-             f"Thresholds: preset `{preset}` (stages/filters.py `PRESETS`), under the keys written in params.yaml "
-             f"`clean.steps`. Another kind of text: `dvc exp run -S clean.preset=<{' | '.join(PRESETS)}>`.", "",
+             f"Thresholds: preset `{preset}` (dapt/cleaning/filters.py `PRESETS`), under the keys written in "
+             f"params.yaml `clean.steps`. Another kind of text: "
+             f"`dvc exp run -S clean.preset=<{' | '.join(PRESETS)}>`.", "",
              "## Drops by step and reason (domain, in pipeline order)", "",
              "| step | reason | documents | sample |", "|---|---|---|---|"]
     for step, reasons in d["dropped"].items():

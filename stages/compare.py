@@ -46,13 +46,25 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import make_pipeline
 
-from stages import registry, report, retrieval, tracking
-from stages.common import Paths, Section, active_profile, atomic_path, load_params, load_paths, log, read_jsonl, \
-    setup_stage, write_json, write_text
-from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_info_path, run_name, scores
+from dapt import registry, report, tracking
+from dapt.common import (
+    Paths,
+    Section,
+    active_profile,
+    atomic_path,
+    load_params,
+    load_paths,
+    log,
+    read_jsonl,
+    setup_stage,
+    write_json,
+    write_text,
+)
+from dapt.finetuning import retrieval
+from dapt.finetuning.tasks import load_tokenizer, scores, truncated
+from dapt.report import SCORING, Scoring
+from stages.finetune import SPLITS, FinetuneParams, TrainingParams, run_info_path, run_name
 from stages.pretrain import PretrainParams, TaptVariant
-from stages.report import SCORING, Scoring
-from stages.tasks import load_tokenizer, truncated
 
 METRICS = report.METRICS
 Counts = tuple[np.ndarray, ...]  # per example (x class): true positives, true, predicted; or a retrieval score
@@ -111,7 +123,8 @@ def mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def summarise(runs: dict[str, dict[int, dict]], metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, dict[str, float]]]:
+def summarise(runs: dict[str, dict[int, dict]],
+              metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, dict[str, float]]]:
     """variant -> metric -> mean/std/n over seeds."""
     return {v: {m: mean_std([r[m] for r in by_seed.values()]) for m in metrics} for v, by_seed in runs.items()}
 
@@ -219,7 +232,8 @@ def verdict(diff: dict[str, float], alpha: float = 0.05, word: str = "macro-F1")
 
 def slope_verdict(before: str, after: str, d: dict, alpha: float = 0.05, word: str = "macro-F1") -> str:
     """What the last stretch of the adaptation curve says about more DAPT."""
-    text = f"From {before} to {after} of DAPT, {word} changed by {d['mean']:+.3f} ({report.fmt_ci(d)}, {report.fmt_p(d['p_value'])})"
+    text = (f"From {before} to {after} of DAPT, {word} changed by {d['mean']:+.3f} "
+            f"({report.fmt_ci(d)}, {report.fmt_p(d['p_value'])})")
     if d["p_value"] < alpha and d["mean"] > 0:
         return f"{text}: still rising at the end, so more DAPT may well pay."
     if d["p_value"] < alpha:
@@ -307,7 +321,8 @@ def budget(pre: dict | None, t: TrainingParams, truncated_test: float | None, pr
         by_epochs = recipe.dapt_max_epochs * corpus if corpus else float("inf")
         recipe_tokens = round(min(recipe.dapt_max_tokens, by_epochs))
         out.update(dapt_tokens_seen=pre["tokens_seen"], dapt_corpus_epochs=epochs, corpus_tokens=corpus,
-                   recipe_tokens=recipe_tokens, recipe_bound="epochs" if by_epochs < recipe.dapt_max_tokens else "tokens",
+                   recipe_tokens=recipe_tokens,
+                   recipe_bound="epochs" if by_epochs < recipe.dapt_max_tokens else "tokens",
                    dapt_share_of_recipe=pre["tokens_seen"] / recipe_tokens)
         if out["dapt_share_of_recipe"] < FAR_BELOW_DAPT_SHARE:
             reasons.append("dapt")
@@ -590,8 +605,10 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         vocab = compare_variants(runs, rows, "domain", "domain_novocab", fp.seeds, kind, classes, p) \
             if "domain_novocab" in runs else None
         # what the domain corpus and the task text each add, when TAPT variants ran
-        contributions = [{"label": label, "a": a, "b": b, **compare_variants(runs, rows, a, b, fp.seeds, kind, classes, p)}
-                         for label, a, b in CONTRIBUTIONS if {a, b} <= set(runs)] if set(TAPT_VARIANTS) & set(runs) else []
+        contributions = [{"label": label, "a": a, "b": b,
+                          **compare_variants(runs, rows, a, b, fp.seeds, kind, classes, p)}
+                         for label, a, b in CONTRIBUTIONS if {a, b} <= set(runs)] \
+            if set(TAPT_VARIANTS) & set(runs) else []
         probe = forgetting_probe(extra)
         epochs_run = [m["epochs_run"] for by_seed in runs.values() for m in by_seed.values() if "epochs_run" in m]
         # what the cut costs most: test texts, or for retrieval the documents (queries are short)
@@ -606,7 +623,8 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             last, before = points[-1], points[-2]
             slope = bootstrap_runs(rows, [run_name("domain", s, last["at"]) for s in fp.seeds],
                                    [run_name("domain", s, before["at"]) for s in fp.seeds], kind, classes, p)
-            slope["text"] = slope_verdict(f"step {before['step']:,}", f"step {last['step']:,}", slope, word=scoring.word)
+            slope["text"] = slope_verdict(f"step {before['step']:,}", f"step {last['step']:,}", slope,
+                                          word=scoring.word)
 
         # figures
         curves = {v: list(csv.DictReader((paths.metrics / f"pretrain_{v}_curve.csv").open()))
@@ -644,12 +662,14 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         metrics = {
             **{f"{v}_{m.removeprefix('test_')}_{k}": s[m][k] for v, s in summary.items() for m in scoring.metrics
                for k in ("mean", "std")},
-            **{f"{reference_key(key)}_{m.removeprefix('test_')}": v for key, r in references.items() for m, v in r.items()},
+            **{f"{reference_key(key)}_{m.removeprefix('test_')}": v for key, r in references.items()
+               for m, v in r.items()},
             **{f"{v}_truncated_{s}": t[s] for v, t in cut.items() for s in (*SPLITS, "corpus") if s in t},
             **{f"budget_{k}": budget_facts[k] for k in ("profile", "dapt_tokens_seen", "recipe_tokens",
                                                         "dapt_share_of_recipe", "finetune_epochs",
                                                         "finetune_epochs_run", "max_seq_length",
-                                                        "truncated_test", "far_below") if budget_facts.get(k) is not None},
+                                                        "truncated_test", "far_below")
+               if budget_facts.get(k) is not None},
             f"domain_minus_general_{pm}_mean": diff["mean"],
             f"domain_minus_general_{pm}_std": diff["std"],
             "domain_minus_general_p_value": diff["p_value"],
@@ -659,9 +679,12 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
             **({f"domain_minus_novocab_{pm}_mean": vocab["mean"], "domain_minus_novocab_p_value": vocab["p_value"]}
                if vocab else {}),
             **{k: v for c in contributions if (c["a"], c["b"]) != ("domain", "general")
-               for k, v in {f"{c['a']}_minus_{c['b']}_{pm}_mean": c["mean"], f"{c['a']}_minus_{c['b']}_p_value": c["p_value"],
-                            f"{c['a']}_minus_{c['b']}_ci_low": c["ci_low"], f"{c['a']}_minus_{c['b']}_ci_high": c["ci_high"]}.items()},
-            **({"general_text_loss_general_model": probe[0]["loss"]} if probe and probe[0].get("general_model") else {}),
+               for k, v in {f"{c['a']}_minus_{c['b']}_{pm}_mean": c["mean"],
+                            f"{c['a']}_minus_{c['b']}_p_value": c["p_value"],
+                            f"{c['a']}_minus_{c['b']}_ci_low": c["ci_low"],
+                            f"{c['a']}_minus_{c['b']}_ci_high": c["ci_high"]}.items()},
+            **({"general_text_loss_general_model": probe[0]["loss"]}
+               if probe and probe[0].get("general_model") else {}),
             **({"general_text_loss_domain_start": extra["pretrain_domain"]["general_loss_start"],
                 "general_text_loss_domain": extra["pretrain_domain"]["general_loss_best"]}
                if "pretrain_domain" in extra else {}),

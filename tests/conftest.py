@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
 
-from stages.common import Paths, write_text_shards
+from dapt.common import Paths, write_text_shards
 
 CORPUS = [
     "The licensor grants the licensee a perpetual licence to redistribute the software.",
@@ -51,7 +51,8 @@ def bpe_tokenizer(texts: list[str] = CORPUS, vocab_size: int = 400) -> PreTraine
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
 
@@ -115,7 +116,8 @@ def project(tmp_path, monkeypatch) -> Paths:
     monkeypatch.delenv("DAPT_MLFLOW_PARENT_RUN_ID", raising=False)
     return Paths(raw_domain=Path("data/raw/domain"), raw_general=Path("data/raw/general.jsonl"),
                  task=Path("data/task"), domain_train=Path("data/clean/domain_train"),
-                 domain_valid=Path("data/clean/domain_valid.jsonl"), general_valid=Path("data/clean/general_valid.jsonl"),
+                 domain_valid=Path("data/clean/domain_valid.jsonl"),
+                 general_valid=Path("data/clean/general_valid.jsonl"),
                  general_train=Path("data/clean/general_train"), checkpoints=Path("checkpoints"),
                  models=Path("models"), finetune=Path("results/finetune"), reports=Path("reports"),
                  metrics=Path("metrics"))

@@ -7,13 +7,39 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, ModernBertConfig, \
-    ModernBertForMaskedLM, PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
 
-from stages.adapt_tokenizer import AdaptTokenizerParams, base_pieces, candidate_counts, extend, family, fertility, \
-    rank_candidates, resize_and_init, run, word_counts
-from tests.conftest import CORPUS, TINY, bpe_tokenizer, modernbert_tokenizer, wordpiece_tokenizer, write_jsonl, \
-    write_parquet_shards
+from stages.adapt_tokenizer import (
+    AdaptTokenizerParams,
+    base_pieces,
+    candidate_counts,
+    extend,
+    family,
+    fertility,
+    rank_candidates,
+    resize_and_init,
+    run,
+    word_counts,
+)
+from tests.conftest import (
+    CORPUS,
+    TINY,
+    bpe_tokenizer,
+    modernbert_tokenizer,
+    wordpiece_tokenizer,
+    write_jsonl,
+    write_parquet_shards,
+)
 
 PLAIN = "The cat sat on the mat and the dog slept by the fire."  # only corpus words: no new token may touch it
 

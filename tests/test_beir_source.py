@@ -1,4 +1,4 @@
-"""Unit tests for stages/beir_source.py: a tiny BEIR folder per case, written in tmp_path."""
+"""Unit tests for dapt/sources/beir_source.py: a tiny BEIR folder per case, written in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import beir_source as bs
+from dapt.sources import beir_source as bs
 
 HEADER = "query-id\tcorpus-id\tscore\n"
 CORPUS = [

@@ -1,4 +1,4 @@
-"""stages.blocks: token blocks through 🤗 datasets equal the in-memory packing, are cached, fail clearly, and
+"""dapt.pretraining.blocks: token blocks through 🤗 datasets equal the in-memory packing, are cached, fail clearly, and
 split between processes without overlap."""
 
 import json
@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages import blocks
-from stages.blocks import TokenBlocks, token_blocks, tokenize_corpus
-from stages.mlm import pack
+from dapt.pretraining import blocks
+from dapt.pretraining.blocks import TokenBlocks, token_blocks, tokenize_corpus
+from dapt.pretraining.mlm import pack
 from tests.conftest import CORPUS, bpe_tokenizer, wordpiece_tokenizer, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +100,8 @@ import json, sys
 from pathlib import Path
 import torch
 from accelerate import PartialState
-from stages.blocks import TokenBlocks
-from stages.mlm import Blocks, training_args
+from dapt.pretraining.blocks import TokenBlocks
+from dapt.pretraining.mlm import Blocks, training_args
 from stages.pretrain import PretrainParams, shared_blocks
 from transformers import AutoTokenizer, Trainer
 

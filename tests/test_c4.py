@@ -1,4 +1,5 @@
-"""stages.c4: the fast C4 filter keeps the same lines, decides the same and counts the same totals as datatrove's."""
+"""dapt.cleaning.c4: the fast C4 filter keeps the same lines, decides the same and counts the same totals as
+datatrove's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from datatrove.data import Document
 from datatrove.pipeline.filters import C4QualityFilter
 
-from stages.c4 import FastC4QualityFilter
+from dapt.cleaning.c4 import FastC4QualityFilter
 
 # short and long lines, and what makes datatrove's per-line loop matter: citations, over-long words, "javascript",
 # "lorem ipsum", curly brackets, policy phrases, and line breaks that `splitlines` knows but "\n" is not

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from dapt.cleaning.filters import Normalise, fingerprint
+from dapt.common import iter_texts, text_shards
 from stages.clean import CleanParams, CleanStepError, is_validation, run
-from stages.common import iter_texts, text_shards
-from stages.filters import Normalise, fingerprint
 from tests.conftest import write_jsonl
 
 STEPS = {"size": {"max_chars": 5000}, "normalise": {}, "length": {"min_words": 5},

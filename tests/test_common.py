@@ -8,10 +8,21 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dapt.common import (
+    ParamsError,
+    TextShardWriter,
+    active_profile,
+    atomic_path,
+    iter_texts,
+    load_params,
+    load_paths,
+    read_params_file,
+    text_shards,
+    write_json,
+    write_text_shards,
+)
 from stages.adapt_tokenizer import AdaptTokenizerParams
 from stages.clean import CleanParams
-from stages.common import ParamsError, TextShardWriter, active_profile, atomic_path, iter_texts, load_params, \
-    load_paths, read_params_file, text_shards, write_json, write_text_shards
 from stages.compare import CompareParams
 from stages.finetune import FinetuneParams
 from stages.ingest import IngestParams
@@ -71,10 +82,9 @@ def test_missing_section_and_bad_yaml(tmp_path):
 def test_atomic_path_keeps_old_output_on_failure(tmp_path):
     target = tmp_path / "out.json"
     write_json(target, {"v": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text('{"v": 2, "trunc')
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"v": 2, "trunc')
+        raise RuntimeError("crash mid-write")
     assert target.read_text().strip().endswith("}") and '"v": 1' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp leftovers
 
@@ -139,7 +149,8 @@ def test_file_values_without_the_profile(tmp_path):
 
 @pytest.mark.parametrize(("profile", "extra", "error"), [
     ("gpu", "", r"profile: 'gpu' is not defined under profiles: \(defined: cpu-demo"),
-    ("typo", "typo: {pretrain: {max_stepz: 1}}", r"profiles.typo.pretrain.max_stepz: 'max_stepz' is not a key of 'pretrain'"),
+    ("typo", "typo: {pretrain: {max_stepz: 1}}",
+     r"profiles.typo.pretrain.max_stepz: 'max_stepz' is not a key of 'pretrain'"),
     ("seeds", "seeds: {finetune: {seeds: [0, 1]}}", r"profiles.seeds.finetune.seeds: dvc.yaml expands"),
     ("curve", "curve: {pretrain: {snapshots: [0, 50]}}", r"profiles.curve.pretrain.snapshots: dvc.yaml expands"),
     ("top", "top: {runtime: {threads: 1}}", r"profiles.top.runtime: 'runtime' is not a key of 'the top level'"),
@@ -158,7 +169,7 @@ def docs(n: int) -> list[dict]:
 
 
 def test_text_shards_split_every_shard_docs_rows_in_row_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr("stages.common.ROW_GROUP_DOCS", 2)
+    monkeypatch.setattr("dapt.common.ROW_GROUP_DOCS", 2)
     assert write_text_shards(tmp_path / "train", docs(7), shard_docs=3) == 7
     shards = text_shards(tmp_path / "train")
     assert [s.name for s in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -250,7 +261,7 @@ def test_file_digest_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
     import hashlib
     import os
 
-    from stages import common
+    from dapt import common
 
     path = tmp_path / "shard.parquet"
     path.write_bytes(b"first")

@@ -5,8 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from stages.compare import class_counts, entity_counts, macro_f1_resampled, paired_bootstrap, paired_difference, \
-    summarise, verdict
+from stages.compare import (
+    class_counts,
+    entity_counts,
+    macro_f1_resampled,
+    paired_bootstrap,
+    paired_difference,
+    summarise,
+    verdict,
+)
 
 
 def runs_of(general, domain):
@@ -98,8 +105,9 @@ import shutil  # noqa: E402
 
 import mlflow  # noqa: E402
 
+from dapt.finetuning.tasks import scores  # noqa: E402
 from stages.compare import CompareParams, run  # noqa: E402
-from stages.finetune import FinetuneParams, TrainingParams, run_name, scores  # noqa: E402
+from stages.finetune import FinetuneParams, TrainingParams, run_name  # noqa: E402
 from tests.conftest import wordpiece_tokenizer, write_jsonl  # noqa: E402
 
 SEEDS = [0, 1, 2]
@@ -193,7 +201,8 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     # adaptation curve: two snapshots and the final model, with their compute; the last stretch still pays
     assert "| 0% | 0 | 0 | 0 | 0 (cpu) |" in report and "| 50% | 100 | 204,800 | 0.625 | 0.05 (cpu) |" in report
     assert "| final (step 200, max_steps) | 200 | 409,600 | 1.25 | 0.1 (cpu) |" in report
-    assert "From step 100 to step 200 of DAPT, macro-F1 changed by +0." in report and "still rising at the end" in report
+    assert "From step 100 to step 200 of DAPT, macro-F1 changed by +0." in report
+    assert "still rising at the end" in report
     assert "`licensor` (1,270x, 3 pieces before)" in report
     for name in ("scores", "confusion", "adaptation_curve", "dapt_loss", "fertility"):
         assert (project.reports / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
@@ -216,7 +225,8 @@ def test_stage_writes_the_report_figures_metrics_and_mlflow_children(project):
     assert metrics["general_text_loss_domain"] == 5.5 and metrics["curve_50_macro_f1_mean"] < \
         metrics["domain_macro_f1_mean"]
     curve = (project.metrics / "adaptation_curve.csv").read_text().splitlines()
-    assert curve[0] == "percent,step,tokens_seen,device_hours,macro_f1_std,minus_general,macro_f1_mean" and len(curve) == 4
+    assert curve[0] == "percent,step,tokens_seen,device_hours,macro_f1_std,minus_general,macro_f1_mean"
+    assert len(curve) == 4
     # MLflow: the comparison is the parent of every fine-tuning run it compares
     parent = mlflow.search_runs(experiment_names=["dapt"], filter_string="tags.stage = 'compare'",
                                 output_format="list")[0]
@@ -288,7 +298,8 @@ def test_stage_on_a_token_classification_task(project):
     report = (project.reports / "comparison.md").read_text()
     assert "| variant | seeds | test entity macro-F1 | test token accuracy |" in report
     assert "No TF-IDF reference" in report and "test sentences" in report
-    assert "first 16 tokens of each sentence (special tokens included) and nothing after: 0% of test sentences" in report
+    assert ("first 16 tokens of each sentence (special tokens included) and nothing after: "
+            "0% of test sentences") in report
     assert "TF-IDF row" not in report
     metrics = json.loads((project.metrics / "compare.json").read_text())
     expected = sum(json.loads((project.finetune / f"{v}-{s}" / "metrics.json").read_text())["test_macro_f1"]
@@ -363,8 +374,8 @@ def test_seen_texts_cut_where_the_last_token_that_fits_ends():
 
 
 def test_budget_far_below_the_recipe_and_not():
+    from dapt.report import budget_line
     from stages.compare import RECIPE, budget
-    from stages.report import budget_line
 
     demo = TrainingParams(learning_rate=1e-4, epochs=2, batch_size=16, max_seq_length=64, warmup_ratio=0.1,
                           weight_decay=0.01)
@@ -397,8 +408,8 @@ def test_budget_far_below_the_recipe_and_not():
 
 
 def test_forgetting_table_header_and_notes_follow_the_variants_that_ran():
+    from dapt.report import forgetting_section
     from stages.compare import forgetting_probe
-    from stages.report import forgetting_section
 
     def pre(start, best):
         return {"general_loss_start": start, "general_loss_best": best, "best_step": 10}
@@ -422,8 +433,9 @@ def test_forgetting_table_header_and_notes_follow_the_variants_that_ran():
 def test_dvc_metrics_show_prints_the_headline_only():
     """Every other metrics file is a plain output (cache: false): `dvc metrics show` prints one short row, and
     `dvc metrics show metrics/compare.json` the detail."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
     declared = [next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])]
@@ -437,7 +449,7 @@ def test_params_sections_hold_the_published_recipe():
     """What a user's own data gets (no profile) is what the report measures budgets against."""
     from pathlib import Path
 
-    from stages.common import read_params_file
+    from dapt.common import read_params_file
     from stages.compare import RECIPE
 
     data = read_params_file(Path(__file__).resolve().parents[1] / "params.yaml", profile=False)
@@ -472,8 +484,9 @@ def test_stage_on_a_retrieval_task_with_tapt_variants(project):
                  "test_mrr_at_10": float(np.mean(ndcg)), "test_recall_at_100": 1.0,
                  **{f"zero_shot_test_{k}": 0.1 for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100")},
                  "truncated": {"train": 0.0, "dev": 0.0, "test": 0.0, "corpus": 0.5}}
-            write_run(project, f"{v}-{seed}", m, [{"id": q["id"], "qrels": q["qrels"], "ranking": [], "ndcg_at_10": n,
-                                                   "mrr_at_10": n, "recall_at_100": 1.0} for q, n in zip(queries, ndcg)])
+            write_run(project, f"{v}-{seed}", m, [{"id": q["id"], "qrels": q["qrels"], "ranking": [],
+                                                   "ndcg_at_10": n, "mrr_at_10": n, "recall_at_100": 1.0}
+                                                  for q, n in zip(queries, ndcg)])
     run(CompareParams(tfidf_max_features=1000, tfidf_c=1.0, bootstrap_resamples=300), fp, project, [])
     report = (project.reports / "comparison.md").read_text()
     assert "domain - general nDCG@10 = " in report.splitlines()[2]

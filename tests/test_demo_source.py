@@ -1,4 +1,4 @@
-"""Unit tests for stages/demo_source.py: tiny inline inputs, a tiny wheel-shaped zip, no network."""
+"""Unit tests for dapt/sources/demo_source.py: tiny inline inputs, a tiny wheel-shaped zip, no network."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import demo_source as ds
+from dapt.sources import demo_source as ds
 
 # ---------------------------------------------------------------------------------------------------
 # front matter and markers

@@ -256,8 +256,8 @@ def test_finetune_results_for_every_variant_and_seed(finished):
             assert m["variant"] == variant and m["seed"] == seed and m["task"] == "retrieval"
             assert 0 <= m["test_ndcg_at_10"] <= 1 and 0 <= m["zero_shot_test_ndcg_at_10"] <= 1
             assert m["test_recall_at_100"] == 1.0  # 18 documents: all of them are in every top 100
-            rows = [json.loads(line) for line in
-                    (finished / "results/finetune" / f"{variant}-{seed}" / "predictions.jsonl").read_text().splitlines()]
+            predictions = finished / "results/finetune" / f"{variant}-{seed}" / "predictions.jsonl"
+            rows = [json.loads(line) for line in predictions.read_text().splitlines()]
             assert len(rows) == SPLIT_QUERIES["test"] and all(len(r["ranking"]) == 10 for r in rows)
 
 

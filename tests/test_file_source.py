@@ -1,4 +1,4 @@
-"""Unit tests for stages/file_source.py: one tiny file per case, written in tmp_path."""
+"""Unit tests for dapt/sources/file_source.py: one tiny file per case, written in tmp_path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import file_source as fs
+from dapt.sources import file_source as fs
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -183,7 +183,7 @@ def test_file_that_is_not_parquet(tmp_path: Path) -> None:
 
 
 def test_unreadable_and_empty_files(tmp_path, caplog):
-    from stages.file_source import read_documents
+    from dapt.sources.file_source import read_documents
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "good.txt").write_text("a domain line\n")

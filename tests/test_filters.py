@@ -6,10 +6,26 @@ import numpy as np
 import pytest
 from datatrove.data import Document
 
-from stages import filters
-from stages.filters import PRESETS, Boilerplate, Decontaminate, LanguageIDFilter, LengthFilter, Normalise, \
-    SizeFilter, StripMarkup, build_steps, check_steps, fingerprint, hashed_words, longer_ngrams, ngrams, plain_row, \
-    preset_steps, word_hashes
+from dapt.cleaning import filters
+from dapt.cleaning.filters import (
+    PRESETS,
+    Boilerplate,
+    Decontaminate,
+    LanguageIDFilter,
+    LengthFilter,
+    Normalise,
+    SizeFilter,
+    StripMarkup,
+    build_steps,
+    check_steps,
+    fingerprint,
+    hashed_words,
+    longer_ngrams,
+    ngrams,
+    plain_row,
+    preset_steps,
+    word_hashes,
+)
 
 
 def doc(text: str) -> Document:
@@ -355,12 +371,16 @@ class _Excluded:
 
 
 def test_batched_loops_count_and_forward_as_datatroves_do():
-    """`stages.batched` counts per batch: the same counter totals, documents and exclusions as datatrove's loops."""
+    """`dapt.cleaning.batched` counts per batch: the same counter totals, documents and exclusions as datatrove's
+    loops."""
     from datatrove.pipeline.filters.base_filter import BaseFilter
     from datatrove.pipeline.formatters.base import BaseFormatter
 
     texts = ["one two", "w " * 20, "a  b\u00a0c " * 5, "", "x " * 200] * 60  # 300 documents, batches of 7
-    docs = lambda: [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+
+    def docs() -> list[Document]:
+        return [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+
     results = []
     for run in (BaseFilter.run, None):
         length = LengthFilter(min_words=3, max_words=100, exclusion_writer=_Excluded())
@@ -386,8 +406,8 @@ def test_fast_minhash_signature_is_datatroves(tmp_path, precision, diacritics):
     from datatrove.utils.hashing import HashConfig
     from datatrove.utils.text import TextNormConfig
 
-    from stages.filters import FastMinhashSignature
-    from stages.gopher import WhitespaceWordTokenizer
+    from dapt.cleaning.filters import FastMinhashSignature
+    from dapt.cleaning.gopher import WhitespaceWordTokenizer
 
     config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=precision),
                            norm_config=TextNormConfig(norm_unicode_diacritics=diacritics))

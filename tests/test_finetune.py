@@ -10,9 +10,25 @@ import torch
 from seqeval.metrics import accuracy_score, f1_score
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
-from stages.finetune import FinetuneParams, TrainingParams, WeightedLoss, class_weights, init_classifier, read_task, \
-    run, scores, share_pooler
-from stages.tasks import align_labels, encode_words, prefix_space_for_words, tag_scores, task_type, word_predictions
+from dapt.finetuning.tasks import (
+    align_labels,
+    encode_words,
+    prefix_space_for_words,
+    scores,
+    tag_scores,
+    task_type,
+    word_predictions,
+)
+from stages.finetune import (
+    FinetuneParams,
+    TrainingParams,
+    WeightedLoss,
+    class_weights,
+    init_classifier,
+    read_task,
+    run,
+    share_pooler,
+)
 from tests.conftest import write_jsonl
 
 # the stage tests' settings: a tiny model learns the toy tasks in two epochs at this rate

@@ -49,7 +49,8 @@ def toy_repo(tmp_path, monkeypatch):
     (repo / "dvc.yaml").write_text(textwrap.dedent("""
         stages:
           second:
-            cmd: mkdir -p reports && (echo '# Toy report'; echo '![plot](figures/x.png)'; cat a.txt) > reports/comparison.md
+            cmd: mkdir -p reports && (echo '# Toy report'; echo '![plot](figures/x.png)'; cat a.txt)
+              > reports/comparison.md
             deps: [a.txt]
             outs: [reports/comparison.md]
           first:

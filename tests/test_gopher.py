@@ -1,4 +1,5 @@
-"""stages.gopher: the fast Gopher filters decide like datatrove's, and the regex tokenizer splits as documented."""
+"""dapt.cleaning.gopher: the fast Gopher filters decide like datatrove's, and the regex tokenizer splits as
+documented."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from datatrove.data import Document
 from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 
-from stages.gopher import FastGopherQualityFilter, FastGopherRepetitionFilter, RegexWordTokenizer
-
+from dapt.cleaning.gopher import FastGopherQualityFilter, FastGopherRepetitionFilter, RegexWordTokenizer
 
 WORDS = RegexWordTokenizer()
 
@@ -18,7 +18,10 @@ WORDS = RegexWordTokenizer()
 # Generated documents
 # --------------------------------------------------------------------------------------------------------------
 
-_VOCAB = ["the", "be", "to", "of", "and", "that", "have", "with", "a", "in", "it", "for", "on", "as", "at", "by", "this", "from", "or", "an", "model", "data", "train", "text", "token", "corpus", "domain", "pretraining", "language", "filter", "quality", "document", "sentence", "paragraph", "line", "word", "research", "results", "method", "significant", "approximately", "internationalization", "interoperability", "x", "y", "z", "ok"]
+_VOCAB = ["the", "be", "to", "of", "and", "that", "have", "with", "a", "in", "it", "for", "on", "as", "at", "by",
+          "this", "from", "or", "an", "model", "data", "train", "text", "token", "corpus", "domain", "pretraining",
+          "language", "filter", "quality", "document", "sentence", "paragraph", "line", "word", "research", "results",
+          "method", "significant", "approximately", "internationalization", "interoperability", "x", "y", "z", "ok"]
 # non-ASCII letters, numerics that are not letters, full-width digits (datatrove counts "１" as punctuation),
 # underscores, and punctuation-only tokens
 _ODD = ["café", "straße", "½", "²", "привет", "мир", "１", "１２", "__", "a_b", "!!!", "--", "»", "…", "§", "42",
@@ -222,7 +225,7 @@ def test_sent_tokenize_splits_on_terminal_punctuation_and_newlines() -> None:
 
 
 def test_whitespace_words_keep_punctuation_attached() -> None:
-    from stages.gopher import WhitespaceWordTokenizer
+    from dapt.cleaning.gopher import WhitespaceWordTokenizer
 
     assert WhitespaceWordTokenizer().word_tokenize("(1) the above notice;\nis kept.") == [
         "(1)", "the", "above", "notice;", "is", "kept."]
@@ -230,7 +233,10 @@ def test_whitespace_words_keep_punctuation_attached() -> None:
 
 def test_min_top_count_two_keeps_short_texts_without_repeats() -> None:
     text = "This component is licensed under a commercial contract from the supplier."
-    doc = lambda: Document(text=text, id="x")
+
+    def doc() -> Document:
+        return Document(text=text, id="x")
+
     assert FastGopherRepetitionFilter(language=WORDS).filter(doc()) == (False, "top_3_gram")
     assert FastGopherRepetitionFilter(language=WORDS, min_top_count=2).filter(doc()) is True
 
@@ -239,7 +245,7 @@ def test_paragraph_and_line_splits_are_datatroves_regexes() -> None:
     import itertools
     import re
 
-    from stages.gopher import _lines, _paragraphs
+    from dapt.cleaning.gopher import _lines, _paragraphs
 
     for size in range(9):  # every text of up to 8 characters from a letter, a space and a newline
         for chars in itertools.product("a \n", repeat=size):

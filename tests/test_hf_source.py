@@ -1,4 +1,4 @@
-"""Unit tests for stages/hf_source.py: datasets built in the test and saved to tmp_path; the Hub is never
+"""Unit tests for dapt/sources/hf_source.py: datasets built in the test and saved to tmp_path; the Hub is never
 reached (its loader is replaced, or offline mode is on)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from pydantic import ValidationError
 
-from stages import hf_source as hf
-from stages.hf_source import HFDataset
+from dapt.sources import hf_source as hf
+from dapt.sources.hf_source import HFDataset
 
 
 def saved(path: Path, data: Dataset | DatasetDict) -> Path:

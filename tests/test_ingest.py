@@ -8,9 +8,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from pydantic import ValidationError
 from transformers import AutoModel
 
-from stages.hf_source import HFDataset
-from stages.ingest import DemoParams, FilesParams, IngestParams, check_task, resolve_model, run, sample, \
-    write_shards
+from dapt.sources.hf_source import HFDataset
+from stages.ingest import DemoParams, FilesParams, IngestParams, check_task, resolve_model, run, sample, write_shards
 from tests.conftest import write_jsonl
 
 DEMO = DemoParams(categories=["a", "b"], dev_fraction=0.1, test_fraction=0.2)
@@ -205,7 +204,8 @@ def test_files_source_retrieval_from_a_beir_folder(project, tiny_bert, tmp_path)
     run(IngestParams(source="files", base_model=str(tiny_bert), demo=DEMO, files=files), project)
 
     test = [json.loads(line) for line in (project.task / "test.jsonl").read_text().splitlines()]
-    assert test == [{"id": "q4", "text": "query 4", "qrels": {"d0": 1}}, {"id": "q5", "text": "query 5", "qrels": {"d1": 1}}]
+    assert test == [{"id": "q4", "text": "query 4", "qrels": {"d0": 1}},
+                    {"id": "q5", "text": "query 5", "qrels": {"d1": 1}}]
     corpus = [json.loads(line) for line in (project.task / "corpus.jsonl").read_text().splitlines()]
     assert corpus[0] == {"id": "d0", "title": "T0", "text": "doc 0"} and len(corpus) == 4
     metrics = json.loads((project.metrics / "ingest.json").read_text())

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, TrainingArguments
 
-from stages import blocks, mlm, pretrain
-from stages.mlm import compile_regions, encoder_layers, mlm_head
-from stages.mlm import pack
+from dapt.common import ParamsError, validate_section, write_json
+from dapt.pretraining import blocks, mlm
+from dapt.pretraining.mlm import compile_regions, encoder_layers, mlm_head, pack
+from stages import pretrain
 from stages.pretrain import DomainGeneralStopping, PretrainParams, SparseMLM, fixed_eval_batches, make_collator, run
-from stages.common import ParamsError, validate_section, write_json
 from tests.conftest import CORPUS, write_jsonl, write_parquet_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,8 @@ def test_an_epoch_budget_with_replay_reports_tokens_and_corpus_epochs(project, t
         0.5 <= m["corpus_epochs"] < 0.5 + P.batch_size / m["train_blocks"]
     steps = [int(r.split(",")[0]) for r in (project.metrics / "pretrain_domain_curve.csv").read_text().split()[1:]]
     assert steps[:3] == [0, 2, 4]  # 128 tokens = 2 steps of 4 x 16
-    [run_] = mlflow.search_runs(experiment_names=["dapt"], output_format="list", filter_string="tags.stage = 'pretrain'")
+    [run_] = mlflow.search_runs(experiment_names=["dapt"], output_format="list",
+                                filter_string="tags.stage = 'pretrain'")
     assert run_.data.metrics["corpus_epochs"] == pytest.approx(m["corpus_epochs"]) and run_.data.tags["budget"] == \
         "max_epochs" and run_.data.metrics["tokens_seen"] == m["tokens_seen"]
 
@@ -421,7 +422,7 @@ def test_master_weights_train_in_fp32_what_the_model_holds_in_bf16():
 
 DRIVER = """
 import json, sys
-from stages.common import Paths
+from dapt.common import Paths
 from stages.pretrain import PretrainParams, run
 run(PretrainParams.model_validate_json(sys.argv[1]), Paths(**json.loads(sys.argv[2])), "domain")
 """
@@ -534,9 +535,11 @@ def test_tapt_starts_are_validated(project):
                                          r"domain_novocab \(a model pretrain.variants trains"):
         PretrainParams.model_validate({**p.model_dump(), "tapt": {"dapt_tapt": "domain_novocab_init"}})
     with pytest.raises(ValueError, match=r"pretrain\.tapt\.dapt_tapt: 'domain_novocab'.*one of domain \("):
-        PretrainParams.model_validate({**P.model_dump(), "variants": ["domain"], "tapt": {"dapt_tapt": "domain_novocab"}})
+        PretrainParams.model_validate({**P.model_dump(), "variants": ["domain"],
+                                       "tapt": {"dapt_tapt": "domain_novocab"}})
     assert PretrainParams.model_validate({**P.model_dump(), "variants": ["domain"],
-                                          "tapt": {"tapt": "domain_novocab_init"}}).tapt == {"tapt": "domain_novocab_init"}
+                                          "tapt": {"tapt": "domain_novocab_init"}}).tapt == \
+        {"tapt": "domain_novocab_init"}
     with pytest.raises(ParamsError, match=r"pretrain\.tapt\.domain\.\[key\]: Input should be 'tapt' or 'dapt_tapt'"):
         validate_section({"pretrain": {**P.model_dump(), "tapt": {"domain": "domain_init"}}}, "pretrain",
                          PretrainParams)  # only the two TAPT runs
@@ -583,7 +586,8 @@ def test_tapt_trains_on_the_task_text_only(project, tiny_bert):
     assert (project.metrics / "pretrain_tapt_run.json").exists() and \
         (project.metrics / "pretrain_tapt_curve.csv").read_text().startswith("step,domain_loss,")
     assert not (project.models / "tapt_snapshots").exists()  # the adaptation curve is domain's alone
-    [run_] = mlflow.search_runs(experiment_names=["dapt"], output_format="list", filter_string="tags.stage = 'pretrain'")
+    [run_] = mlflow.search_runs(experiment_names=["dapt"], output_format="list",
+                                filter_string="tags.stage = 'pretrain'")
     assert run_.info.run_name == "pretrain-tapt" and run_.data.tags["variant"] == "tapt"
 
 

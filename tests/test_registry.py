@@ -1,4 +1,5 @@
-"""registry: variants logged as MLflow transformers models, registered, tagged with the verdict, aliased, loaded back."""
+"""registry: variants logged as MLflow transformers models, registered, tagged with the verdict, aliased, loaded
+back."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from transformers import AutoModel, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertModel
 
-from stages import registry
+from dapt import registry
 from tests.conftest import TINY, wordpiece_tokenizer
 
 NAME = "dapt-encoder"
@@ -157,9 +158,9 @@ def test_registration_failure_names_the_logged_model_and_the_fix(store, monkeypa
     def no_registry(*args, **kwargs):
         raise MlflowException("this server has no model registry")
     monkeypatch.setattr(mlflow, "register_model", no_registry)
-    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("dapt").experiment_id):
-        with pytest.raises(RuntimeError, match=r"could not register it as 'dapt-encoder'.*null to log only"):
-            registry.log_variant(store["folders"]["general"], "general", NAME, {})
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("dapt").experiment_id), \
+            pytest.raises(RuntimeError, match=r"could not register it as 'dapt-encoder'.*null to log only"):
+        registry.log_variant(store["folders"]["general"], "general", NAME, {})
 
 
 def test_favoured_reads_a_retrieval_verdict_by_its_ndcg_keys():

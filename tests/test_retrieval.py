@@ -10,8 +10,18 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, TrainerCallback
 
-from stages.retrieval import MEASURES, bi_encoder, bm25_run, dense_run, doc_text, evaluate, fit_and_score, \
-    mean_scores, training_pairs, truncated_share
+from dapt.finetuning.retrieval import (
+    MEASURES,
+    bi_encoder,
+    bm25_run,
+    dense_run,
+    doc_text,
+    evaluate,
+    fit_and_score,
+    mean_scores,
+    training_pairs,
+    truncated_share,
+)
 from tests.conftest import TINY, wordpiece_tokenizer
 
 # 32 tokens hold every toy text; at this rate, with seed 4 below, the tiny BERT's dev nDCG@10 peaks at epoch 1 of 2,

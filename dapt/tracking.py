@@ -36,7 +36,7 @@ from mlflow.utils.rest_utils import http_request
 from pydantic import BaseModel
 from transformers import TrainerCallback
 
-from stages.common import PARAMS_FILE, active_profile, log
+from dapt.common import PARAMS_FILE, active_profile, log
 
 EXPERIMENT = "dapt"
 PARENT_ENV = "DAPT_MLFLOW_PARENT_RUN_ID"

@@ -400,7 +400,7 @@ def file_digest(path: Path) -> bytes:
     return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha1").digest()

@@ -35,7 +35,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from stages.common import atomic_path, file_digest, iter_jsonl, text_parquet, text_shards
+from dapt.common import atomic_path, file_digest, iter_jsonl, text_parquet, text_shards
 
 log = logging.getLogger("dapt")
 

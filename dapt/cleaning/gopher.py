@@ -26,8 +26,8 @@ downloaded here; every datatrove filter accepts a `WordTokenizer` instance as it
 from __future__ import annotations
 
 import re
-from itertools import accumulate, chain, filterfalse, repeat
 from collections.abc import Hashable
+from itertools import accumulate, chain, filterfalse, repeat
 
 import numpy as np
 import pandas as pd
@@ -37,8 +37,7 @@ from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetition
 from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from stages.batched import BatchedFilter
-
+from dapt.cleaning.batched import BatchedFilter
 
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer

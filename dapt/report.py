@@ -16,11 +16,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and in CI
-import markdown  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import markdown
+import matplotlib.pyplot as plt
+import numpy as np
 
-from stages.common import atomic_path, write_text  # noqa: E402
+from dapt.common import atomic_path, write_text
 
 COLOURS = {"general": "#8da0cb", "domain": "#fc8d62", "domain_novocab": "#66c2a5", "tapt": "#e78ac3",
            "dapt_tapt": "#a6d854"}
@@ -48,8 +48,8 @@ SCORING = {
     "token_classification": Scoring(("test_macro_f1", "test_accuracy"), ("entity macro-F1", "token accuracy"),
                                     "macro-F1", "sentences", "f1"),
     # BEIR's headline measure first; MRR@10 as MS MARCO reports it; Recall@100: what a re-ranker could still fix
-    "retrieval": Scoring(("test_ndcg_at_10", "test_mrr_at_10", "test_recall_at_100"), ("nDCG@10", "MRR@10", "Recall@100"),
-                         "nDCG@10", "queries", "ndcg"),
+    "retrieval": Scoring(("test_ndcg_at_10", "test_mrr_at_10", "test_recall_at_100"),
+                         ("nDCG@10", "MRR@10", "Recall@100"), "nDCG@10", "queries", "ndcg"),
 }
 CLASSIFICATION = SCORING["sequence_classification"]
 METRICS = CLASSIFICATION.metrics
@@ -97,8 +97,8 @@ def plot_scores(summary: dict, runs: dict[str, dict[int, dict]], references: dic
 
 
 def plot_curve(points: list[dict], general: dict[str, float], path: Path, word: str = "macro-F1") -> None:
-    """Downstream score (`word`: macro-F1, nDCG@10; mean +- std over seeds) against the tokens of DAPT behind each point; the general
-    model as a band. Each point is labelled with its share of the steps and its device-hours."""
+    """Downstream score (`word`: macro-F1, nDCG@10; mean +- std over seeds) against the tokens of DAPT behind each
+    point; the general model as a band. Each point is labelled with its share of the steps and its device-hours."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     x = [p["tokens_seen"] for p in points]
     ax.errorbar(x, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=5,
@@ -357,8 +357,8 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dic
     pretrained = {k.removeprefix("pretrain_"): m for k, m in extra.items() if k.startswith("pretrain_")}
     if pretrained:
         lines = ["## Continued pretraining", "",
-                 "| variant | steps | stopped | best step | tokens seen | corpus epochs | seconds | validation | loss start "
-                 "| best | end |",
+                 "| variant | steps | stopped | best step | tokens seen | corpus epochs | seconds | validation "
+                 "| loss start | best | end |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for v, m in pretrained.items():
             for name in ("domain", "general"):
@@ -370,15 +370,16 @@ def comparison_markdown(verdict: str, summary: dict, diff: dict, references: dic
         sections.append([*lines, "", "![DAPT validation loss](figures/dapt_loss.png)", ""])
     if not retrieval:
         sections.append(["## Errors", "", "Row-normalised confusion matrices, test predictions of every seed together"
-                         + (" (word tags)" if token_task else "") + ":", "", "![confusion matrices](figures/confusion.png)",
-                         ""])
+                         + (" (word tags)" if token_task else "") + ":", "",
+                         "![confusion matrices](figures/confusion.png)", ""])
     tok = extra.get("adapt_tokenizer")
     if tok:
         lines = ["## Tokenizer", "", f"{tok['new_tokens']} domain tokens added (vocabulary {tok['base_vocab_size']} -> "
-                 f"{tok['vocab_size']}).", "", "| text | tokens/word before | after | words in 3+ pieces before | after |",
-                 "|---|---|---|---|---|"]
+                 f"{tok['vocab_size']}).", "",
+                 "| text | tokens/word before | after | words in 3+ pieces before | after |", "|---|---|---|---|---|"]
         for name in ("domain", "general"):
-            lines.append(f"| {name} | {tok[f'{name}_tokens_per_word_before']:.3f} | {tok[f'{name}_tokens_per_word_after']:.3f}"
+            lines.append(f"| {name} | {tok[f'{name}_tokens_per_word_before']:.3f} | "
+                         f"{tok[f'{name}_tokens_per_word_after']:.3f}"
                          f" | {tok[f'{name}_split_3plus_before']:.1%} | {tok[f'{name}_split_3plus_after']:.1%} |")
         lines += ["", "![fertility](figures/fertility.png)", ""]
         new = extra.get("new_tokens")
@@ -397,10 +398,10 @@ def contributions_section(rows: list[dict], word: str) -> list[str]:
              "DAPT: continued MLM on the domain corpus; TAPT: continued MLM on the task's own train text, unlabelled "
              "(Gururangan et al. 2020). Each row pairs two fine-tuned variants over the same test "
              "examples and seeds.", "",
-             f"| what is added | comparison | {word} difference | 95% CI | p | seeds better |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['a']} - {r['b']} | {r['mean']:+.3f} | {r['ci_low']:+.3f} to "
-                     f"{r['ci_high']:+.3f} | {fmt_p(r['p_value'])} | {r['wins']}/{r['n']} |")
+             f"| what is added | comparison | {word} difference | 95% CI | p | seeds better |",
+             "|---|---|---|---|---|---|"]
+    lines.extend(f"| {r['label']} | {r['a']} - {r['b']} | {r['mean']:+.3f} | {r['ci_low']:+.3f} to "
+                 f"{r['ci_high']:+.3f} | {fmt_p(r['p_value'])} | {r['wins']}/{r['n']} |" for r in rows)
     return [*lines, ""]
 
 

@@ -24,8 +24,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from datasets.exceptions import DatasetNotFoundError
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from stages.common import Section
-from stages.file_source import label_of, strings_of, text_of
+from dapt.common import Section
+from dapt.sources.file_source import label_of, strings_of, text_of
 
 BATCH = 1000  # rows decoded from Arrow at a time: row-by-row access costs more than the rest of the reading
 

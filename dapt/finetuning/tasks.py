@@ -4,7 +4,7 @@ sequence_classification  records `{"id", "text", "label"}`: one label per text (
 token_classification     records `{"id", "tokens", "tags", "text"}`: one tag per word, e.g. NER with BIO tags;
                          scored per entity with seqeval.
 retrieval                queries `{"id", "text", "qrels": {doc_id: score}}` searched in `corpus.jsonl`; a
-                         bi-encoder trained with sentence-transformers (`stages/retrieval.py`, not the Trainer
+                         bi-encoder trained with sentence-transformers (`dapt/finetuning/retrieval.py`, not the Trainer
                          pieces below).
 
 The type is read from the data (`task_type`), and `TASKS` maps each classification type to its model class,
@@ -24,10 +24,16 @@ from seqeval.metrics import accuracy_score as word_accuracy
 from seqeval.metrics import f1_score as entity_f1
 from sklearn.metrics import accuracy_score, f1_score
 from tokenizers import pre_tokenizers
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, \
-    DataCollatorForTokenClassification, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
 
-from stages.common import log
+from dapt.common import log
 
 TaskType = Literal["sequence_classification", "token_classification", "retrieval"]
 IGNORE = -100  # the label of positions the loss and the scores skip (PyTorch's and transformers' convention)

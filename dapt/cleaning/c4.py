@@ -21,7 +21,7 @@ import re
 from datatrove.data import Document
 from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, POLICY_SUBSTRINGS, C4QualityFilter
 
-from stages.batched import BatchedFilter
+from dapt.cleaning.batched import BatchedFilter
 
 _SPACE = re.compile(r"\s")
 

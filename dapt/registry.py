@@ -22,8 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 from transformers import pipeline
 
-from stages import tracking
-from stages.common import PARAMS_FILE, Section, log, read_params_file, validate_section
+from dapt import tracking
+from dapt.common import PARAMS_FILE, Section, log, read_params_file, validate_section
 
 VARIANT_TAG = "variant"
 VERDICT_PREFIX = "compare."  # version tags from the verdict: compare.<key of metrics/headline.json>

