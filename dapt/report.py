@@ -52,6 +52,8 @@ SCORING = {
                          ("nDCG@10", "MRR@10", "Recall@100"), "nDCG@10", "queries", "ndcg"),
 }
 CLASSIFICATION = SCORING["sequence_classification"]
+# what the budget's truncated share counts (compare's `truncated_split`): test texts, or a retrieval corpus's documents
+TRUNCATED_UNITS = {"test": "test texts", "corpus": "corpus documents"}
 METRICS = CLASSIFICATION.metrics
 
 
@@ -243,7 +245,7 @@ def budget_line(b: dict) -> str:
     low, high = b["recipe_learning_rate"]
     lr = "" if low <= b["finetune_learning_rate"] <= high else f", learning rate {b['finetune_learning_rate']:g}"
     truncated = "" if b["truncated_test"] is None else \
-        f"; {b['truncated_test']:.0%} of {b.get('truncated_unit', 'test texts')} truncated"
+        f"; {b['truncated_test']:.0%} of {TRUNCATED_UNITS[b.get('truncated_split', 'test')]} truncated"
     epochs = f"{b['finetune_epochs']} epochs"
     if b.get("finetune_patience"):
         epochs = f"up to {epochs} (best on dev, patience {b['finetune_patience']}"

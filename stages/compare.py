@@ -357,8 +357,8 @@ def headline(summary: dict, diff: dict, references: dict[str, dict], budget_fact
         "far_below_recipe": budget_facts["far_below"],
         **({"profile": budget_facts["profile"]} if budget_facts["profile"] is not None else {}),
         # the budget's truncated share: of test texts, or for retrieval of the corpus's documents
-        **({"truncated_corpus" if budget_facts.get("truncated_unit") == "corpus documents" else "truncated_test":
-            budget_facts["truncated_test"]} if budget_facts["truncated_test"] is not None else {}),
+        **({f"truncated_{budget_facts.get('truncated_split', 'test')}": budget_facts["truncated_test"]}
+           if budget_facts["truncated_test"] is not None else {}),
         **({"general_loss_ratio": after["loss"] / probe[0]["loss"]} if after else {}),
     }
 
@@ -612,11 +612,10 @@ def run(p: CompareParams, fp: FinetuneParams, paths: Paths, snapshots: list[int]
         probe = forgetting_probe(extra)
         epochs_run = [m["epochs_run"] for by_seed in runs.values() for m in by_seed.values() if "epochs_run" in m]
         # what the cut costs most: test texts, or for retrieval the documents (queries are short)
-        cut_share, cut_unit = ((cut["general"]["corpus"], "corpus documents") if "corpus" in cut["general"]
-                               else (cut["general"]["test"], "test texts"))
-        budget_facts = budget(extra.get("pretrain_domain"), fp.training, cut_share, profile,
+        cut_split = "corpus" if "corpus" in cut["general"] else "test"
+        budget_facts = budget(extra.get("pretrain_domain"), fp.training, cut["general"][cut_split], profile,
                               statistics.fmean(epochs_run) if epochs_run else None)
-        budget_facts["truncated_unit"] = cut_unit
+        budget_facts["truncated_split"] = cut_split
         points = curve_points(paths, fp, snapshots, runs, extra.get("pretrain_domain"), scoring.primary)
         slope = None
         if len(points) >= 2:

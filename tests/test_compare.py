@@ -511,6 +511,7 @@ def test_stage_on_a_retrieval_task_with_tapt_variants(project):
     head = json.loads((project.metrics / "headline.json").read_text())
     assert head["verdict"] == "better" and head["ndcg_diff"] == pytest.approx(gain) and head["ndcg_bm25"] == 1.0
     assert "f1_diff" not in head
+    assert head["truncated_corpus"] == 0.5 and "truncated_test" not in head  # the share the budget line names
 
 
 def test_bootstrap_refuses_runs_that_scored_different_queries():
